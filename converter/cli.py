@@ -1,0 +1,96 @@
+"""The atd-gguf command line: a thin layer over converter.* library calls."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import AtdError
+
+
+class _Group(click.Group):
+    """Shows failures as one line (a traceback only with --verbose) and exits non-zero."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the CLI boundary
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            message = str(e) if isinstance(e, AtdError) else f"{type(e).__name__}: {e}"
+            click.echo(f"error: {message.splitlines()[0] if message else type(e).__name__}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(__version__, prog_name="atd-gguf")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Convert Llama-family checkpoints to GGUF, with ternary-plane (ATD) tensor types.
+
+    \b
+    Example:
+      atd-gguf convert ./SmolLM2-135M-Instruct -o smollm2-f16.gguf --outtype f16
+      atd-gguf inspect smollm2-f16.gguf
+    """
+    ctx.ensure_object(dict)["verbose"] = verbose
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the weight matrices (norms stay F32).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def convert(model: str, output: Path, outtype: str, force: bool, no_progress: bool) -> None:
+    """Convert MODEL (a checkpoint directory or a Hub repo id) to GGUF.
+
+    \b
+    Example:
+      atd-gguf convert meta-llama/Llama-3.2-1B-Instruct -o llama-f16.gguf
+    """
+    from .convert import ConvertOptions
+    from .convert import convert as run_convert
+
+    options = ConvertOptions(outtype=outtype, force=force, progress=not no_progress)
+    start = time.perf_counter()
+    result = run_convert(model, output, options)
+    click.echo(f"wrote {result.path}: {result.n_tensors} tensors, {result.n_params:,} weights, "
+               f"{result.n_bytes / 2**20:.1f} MiB of tensor data "
+               f"({8 * result.n_bytes / result.n_params:.3f} bpw) in {time.perf_counter() - start:.1f} s")
+
+
+@main.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--summary", is_flag=True, help="Only the per-type totals.")
+def inspect(gguf_file: Path, as_json: bool, summary: bool) -> None:
+    """Show each tensor's type, shape, bytes and bits per weight, plus totals.
+
+    \b
+    Example:
+      atd-gguf inspect model-atd3.gguf --summary
+    """
+    from .inspect_gguf import format_summary, inspect_file
+
+    info = inspect_file(gguf_file)
+    if as_json:
+        click.echo(json.dumps(info.to_json(), indent=2, default=str))
+    else:
+        click.echo(format_summary(info, per_tensor=not summary))
+
+
+if __name__ == "__main__":
+    main()

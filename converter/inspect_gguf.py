@@ -1,0 +1,126 @@
+"""Per-tensor summary of a GGUF file: type, shape, bytes, bits per weight."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+import gguf_types  # noqa: F401  registers the ATD types with gguf-py's reader
+
+from .errors import AtdError
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    name: str
+    type: str
+    shape: list[int]
+    n_params: int
+    n_bytes: int
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * self.n_bytes / self.n_params if self.n_params else 0.0
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    path: str
+    file_size: int
+    architecture: str | None
+    metadata: dict[str, object]
+    tensors: list[TensorSummary]
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_params for t in self.tensors)
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * self.n_bytes / self.n_params if self.n_params else 0.0
+
+    def type_totals(self) -> dict[str, tuple[int, int, int]]:
+        """type -> (tensors, params, bytes)"""
+        totals: dict[str, tuple[int, int, int]] = {}
+        for t in self.tensors:
+            n, p, b = totals.get(t.type, (0, 0, 0))
+            totals[t.type] = (n + 1, p + t.n_params, b + t.n_bytes)
+        return totals
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path, "file_size": self.file_size, "architecture": self.architecture,
+            "metadata": self.metadata, "n_params": self.n_params, "n_bytes": self.n_bytes, "bpw": self.bpw,
+            "tensors": [asdict(t) | {"bpw": t.bpw} for t in self.tensors],
+        }
+
+
+def _scalar(field: gguf.ReaderField) -> object | None:
+    if len(field.types) == 1 and field.types[0] != gguf.GGUFValueType.ARRAY:
+        return field.contents()
+    return None
+
+
+def read_gguf(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise AtdError(f"{path}: no such file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise AtdError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def inspect_file(path: str | Path) -> FileSummary:
+    path = Path(path)
+    reader = read_gguf(path)
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.pre":
+            continue
+        value = _scalar(field)
+        if value is not None and not (isinstance(value, str) and len(value) > 200):
+            metadata[key] = value
+    tensors = [
+        TensorSummary(t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_elements), int(t.n_bytes))
+        for t in reader.tensors
+    ]
+    arch = metadata.get("general.architecture")
+    return FileSummary(str(path), path.stat().st_size, arch if isinstance(arch, str) else None, metadata, tensors)
+
+
+def format_summary(summary: FileSummary, per_tensor: bool = True) -> str:
+    lines = []
+    if per_tensor:
+        width = max((len(t.name) for t in summary.tensors), default=4)
+        lines.append(f"{'tensor':<{width}}  {'type':<8} {'shape':<18} {'bytes':>12} {'bpw':>7}")
+        for t in summary.tensors:
+            shape = "×".join(str(d) for d in t.shape)
+            lines.append(f"{t.name:<{width}}  {t.type:<8} {shape:<18} {t.n_bytes:>12,} {t.bpw:>7.3f}")
+        lines.append("")
+    lines.append(f"{'type':<8} {'tensors':>7} {'params':>14} {'bytes':>14} {'bpw':>7}")
+    for qtype, (n, params, nbytes) in sorted(summary.type_totals().items(), key=lambda kv: -kv[1][2]):
+        lines.append(f"{qtype:<8} {n:>7} {params:>14,} {nbytes:>14,} {8 * nbytes / params:>7.3f}")
+    lines.append(f"{'total':<8} {len(summary.tensors):>7} {summary.n_params:>14,} {summary.n_bytes:>14,} "
+                 f"{summary.bpw:>7.3f}")
+    lines.append(f"file {summary.path}: {summary.file_size:,} bytes ({summary.file_size / 2**20:.1f} MiB), "
+                 f"architecture {summary.architecture}")
+    atd = {k: v for k, v in summary.metadata.items() if k.startswith("atd.")}
+    if atd:
+        lines.append("ATD: " + ", ".join(f"{k[4:]}={v}" for k, v in atd.items()))
+    return "\n".join(lines)
+
+
+def dequantized(path: str | Path, name: str) -> np.ndarray:
+    """float32 values of one tensor, through gguf-py's dequantize (ATD types included)."""
+    reader = read_gguf(Path(path))
+    for t in reader.tensors:
+        if t.name == name:
+            return gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+    raise AtdError(f"{path}: no tensor {name}")

@@ -1,0 +1,213 @@
+"""Llama architecture: hyperparameters, tensor names and transforms, as llama.cpp's converter writes them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+
+from .checkpoint import Checkpoint, TensorRef
+from .errors import AtdError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+ARCH = gguf.MODEL_ARCH.LLAMA
+_SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+_ROPE_TYPES_WITHOUT_KEYS = (None, "default", "llama3")
+
+
+def _find(config: dict, *keys: str) -> Any:
+    return next((config[k] for k in keys if k in config), None)
+
+
+@dataclass(frozen=True)
+class LlamaParams:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ctx: int | None
+    rms_eps: float | None
+    rope: dict
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LlamaParams":
+        archs = config.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise AtdError(f"unsupported architecture {archs or config.get('model_type')!r}: "
+                           f"atd-gguf converts {', '.join(SUPPORTED_ARCHITECTURES)}")
+        try:
+            n_head = int(config["num_attention_heads"])
+            n_embd = int(config["hidden_size"])
+            params = cls(
+                n_layer=int(config["num_hidden_layers"]),
+                n_embd=n_embd,
+                n_ff=int(config["intermediate_size"]),
+                n_head=n_head,
+                n_head_kv=int(config.get("num_key_value_heads") or n_head),
+                head_dim=int(config.get("head_dim") or n_embd // n_head),
+                n_vocab=int(config["vocab_size"]),
+                n_ctx=_find(config, "max_position_embeddings", "n_ctx", "n_positions"),
+                rms_eps=_find(config, "rms_norm_eps", "norm_eps"),
+                rope=_rope_parameters(config),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise AtdError(f"config.json: missing or invalid Llama hyperparameter {e}") from None
+        rope_type = params.rope.get("rope_type")
+        if rope_type not in _ROPE_TYPES_WITHOUT_KEYS and rope_type != "linear":
+            raise AtdError(f"config.json: rope scaling type {rope_type!r} is not supported")
+        return params
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF tensor name -> shape, for checking that config and weights agree."""
+        q_rows, kv_rows = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        shapes = {"model.embed_tokens.weight": (self.n_vocab, self.n_embd),
+                  "model.norm.weight": (self.n_embd,),
+                  "lm_head.weight": (self.n_vocab, self.n_embd)}
+        for i in range(self.n_layer):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (self.n_embd,),
+                p + "post_attention_layernorm.weight": (self.n_embd,),
+                p + "self_attn.q_proj.weight": (q_rows, self.n_embd),
+                p + "self_attn.k_proj.weight": (kv_rows, self.n_embd),
+                p + "self_attn.v_proj.weight": (kv_rows, self.n_embd),
+                p + "self_attn.o_proj.weight": (self.n_embd, q_rows),
+                p + "mlp.gate_proj.weight": (self.n_ff, self.n_embd),
+                p + "mlp.up_proj.weight": (self.n_ff, self.n_embd),
+                p + "mlp.down_proj.weight": (self.n_embd, self.n_ff),
+            })
+        return shapes
+
+
+def _rope_parameters(config: dict) -> dict:
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if "full_attention" in rope:
+        rope = dict(rope["full_attention"])
+    if "rope_theta" not in rope and (theta := _find(config, "rope_theta", "rotary_emb_base")) is not None:
+        rope["rope_theta"] = theta
+    if "rope_type" not in rope and "type" in rope:
+        rope["rope_type"] = rope["type"]
+    if "original_max_position_embeddings" not in rope and "original_max_position_embeddings" in config:
+        rope["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+    return rope
+
+
+def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half row order -> GGML's interleaved rope order."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def llama3_rope_factors(params: LlamaParams) -> np.ndarray:
+    """The rope_freqs.weight tensor of Llama-3.1-style scaling (rope_type llama3)."""
+    rope = params.rope
+    base = rope.get("rope_theta", 10000.0)
+    dim = params.head_dim
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    # float32 throughout, as the reference's torch arithmetic is
+    f32 = np.float32
+    freqs = f32(1.0) / (f32(base) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim)))
+    factors = []
+    for freq in freqs:
+        wavelen = f32(2 * math.pi) / freq
+        if wavelen < old_ctx / high:
+            factors.append(f32(1.0))
+        elif wavelen > old_ctx / low:
+            factors.append(f32(factor))
+        else:
+            smooth = (f32(old_ctx) / wavelen - f32(low)) / f32(high - low)
+            factors.append(f32(1.0) / ((f32(1.0) - smooth) / f32(factor) + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One output tensor: its GGUF name, float32 shape, and how to produce its values."""
+    name: str
+    shape: tuple[int, ...]
+    ref: TensorRef | None
+    permute_heads: int | None = None
+    values: np.ndarray | None = None
+
+    def load(self) -> np.ndarray:
+        if self.values is not None:
+            return self.values
+        assert self.ref is not None
+        data = self.ref.load()
+        return permute_qk(data, self.permute_heads) if self.permute_heads else data
+
+
+class LlamaModel:
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.params = LlamaParams.from_config(checkpoint.config)
+        self.name_map = gguf.get_tensor_name_map(ARCH, self.params.n_layer)
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        expected = self.params.expected_shapes()
+        tensors = self.checkpoint.tensors
+        for name, ref in tensors.items():
+            if name.endswith(_SKIPPED_SUFFIXES):
+                continue
+            if name not in expected:
+                raise AtdError(f"tensor {name} {list(ref.shape)} is not part of a LlamaForCausalLM "
+                               f"with {self.params.n_layer} layers (config and weights disagree)")
+            if ref.shape != expected[name]:
+                raise AtdError(f"tensor {name} has shape {list(ref.shape)} but config.json implies "
+                               f"{list(expected[name])} (config and weights disagree)")
+        missing = [n for n in expected if n not in tensors and n != "lm_head.weight"]
+        if missing:
+            raise AtdError(f"checkpoint lacks {len(missing)} tensor(s) config.json requires, e.g. {missing[0]}")
+
+    def tensors(self) -> Iterator[SourceTensor]:
+        """Output tensors in llama.cpp's converter order: generated ones first, then checkpoint order."""
+        p = self.params
+        if p.rope.get("rope_type") == "llama3":
+            factors = llama3_rope_factors(p)
+            yield SourceTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                               factors.shape, None, values=factors)
+        for name, ref in self.checkpoint.tensors.items():
+            if name.endswith(_SKIPPED_SUFFIXES):
+                continue
+            new_name = self.name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+            if new_name is None:
+                raise AtdError(f"cannot map tensor {name!r} to a GGUF name")
+            heads = None
+            if name.endswith("q_proj.weight"):
+                heads = p.n_head
+            elif name.endswith("k_proj.weight"):
+                heads = p.n_head_kv
+            yield SourceTensor(new_name, ref.shape, ref, permute_heads=heads)
+
+    def add_hparams(self, writer: gguf.GGUFWriter, file_type: int) -> None:
+        """llama.* keys, in the reference converter's order."""
+        p = self.params
+        writer.add_block_count(p.n_layer)
+        if p.n_ctx is not None:
+            writer.add_context_length(p.n_ctx)
+        writer.add_embedding_length(p.n_embd)
+        writer.add_feed_forward_length(p.n_ff)
+        writer.add_head_count(p.n_head)
+        writer.add_head_count_kv(p.n_head_kv)
+        if p.rope.get("rope_type") == "linear" and p.rope.get("factor") is not None:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(p.rope["factor"])
+        if (theta := p.rope.get("rope_theta")) is not None:
+            writer.add_rope_freq_base(theta)
+        if p.rms_eps is not None:
+            writer.add_layer_norm_rms_eps(p.rms_eps)
+        if "head_dim" in self.checkpoint.config and self.checkpoint.config["head_dim"] is not None:
+            writer.add_key_length(p.head_dim)
+            writer.add_value_length(p.head_dim)
+        writer.add_file_type(file_type)
+        writer.add_vocab_size(p.n_vocab)
+        writer.add_rope_dimension_count(p.head_dim)
