@@ -1,0 +1,38 @@
+# atd-gguf: `make demo` sets up and runs the main job; `make test` runs the tests.
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+BUILD   := build
+FIXTURES := $(BUILD)/fixtures
+DEMO_MODEL := $(FIXTURES)/smollm2-135m-instruct
+STAMP   := $(VENV)/.installed
+
+.PHONY: install fixtures llama-src demo test bench-fit clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# the local CPU wheel: any other torch spec pulls GBs of CUDA packages
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[reference,test]"
+	touch $@
+
+install: $(STAMP)
+
+fixtures: install
+	$(PY) scripts/make_fixtures.py --out $(FIXTURES)
+
+llama-src: install
+	$(PY) scripts/llama_cpp_source.py
+
+demo: fixtures
+	$(VENV)/bin/atd-gguf convert $(DEMO_MODEL) -o $(BUILD)/demo-f16.gguf --outtype f16 --force
+	$(VENV)/bin/atd-gguf inspect $(BUILD)/demo-f16.gguf --summary
+
+test: fixtures llama-src
+	$(PY) -m pytest -q
+
+bench-fit: install
+	$(PY) scripts/bench_fit.py
+
+clean:
+	rm -rf $(BUILD)/demo-*.gguf .pytest_cache
