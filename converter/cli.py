@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
       atd-gguf inspect smollm2-f16.gguf
     """
     ctx.ensure_object(dict)["verbose"] = verbose
+    # gguf-py logs tokenizer quirks as warnings; they are noise unless debugging
+    logging.getLogger("gguf").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 @main.command()

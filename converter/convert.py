@@ -154,7 +154,9 @@ def convert(model: str | Path, output: str | Path, options: ConvertOptions | Non
         total = sum(int(np.prod(s.shape)) for s, _ in plan)
         from tqdm import tqdm
 
-        with tqdm(total=total, unit="w", unit_scale=True, disable=not options.progress,
+        # disable=None hides the bar when stderr is not a terminal
+        with tqdm(total=total, unit="w", unit_scale=True, disable=None if options.progress else True,
+                  
                   desc="converting", leave=False) as bar:
             for source, qtype in plan:
                 bar.set_postfix_str(source.name, refresh=False)
