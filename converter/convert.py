@@ -156,7 +156,6 @@ def convert(model: str | Path, output: str | Path, options: ConvertOptions | Non
 
         # disable=None hides the bar when stderr is not a terminal
         with tqdm(total=total, unit="w", unit_scale=True, disable=None if options.progress else True,
-                  
                   desc="converting", leave=False) as bar:
             for source, qtype in plan:
                 bar.set_postfix_str(source.name, refresh=False)
