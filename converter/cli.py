@@ -53,21 +53,42 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
-              help="Type of the weight matrices (norms stay F32).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
+              help="Stock type of the weight matrices (default f16; norms stay F32). Not with --planes.")
+@click.option("--planes", type=int, default=None,
+              help="Write attention/FFN weights as ATD with this many ternary planes (1..4).")
+@click.option("--method", type=click.Choice(["grid", "greedy"]), default="grid", show_default=True,
+              help="ATD fit: balanced-ternary grid start + alternating refit, or greedy residual planes.")
+@click.option("--imatrix", type=click.Path(path_type=Path), default=None,
+              help="llama.cpp importance matrix (GGUF or legacy .dat) weighting the ATD scale fit.")
+@click.option("--embed-type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="q8_0",
+              show_default=True, help="With --planes: type of token_embd and output.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def convert(model: str, output: Path, outtype: str, force: bool, no_progress: bool) -> None:
+def convert(model: str, output: Path, outtype: str | None, planes: int | None, method: str,
+            imatrix: Path | None, embed_type: str, force: bool, no_progress: bool) -> None:
     """Convert MODEL (a checkpoint directory or a Hub repo id) to GGUF.
 
     \b
-    Example:
-      atd-gguf convert meta-llama/Llama-3.2-1B-Instruct -o llama-f16.gguf
+    Examples:
+      atd-gguf convert ./Llama-3.2-1B-Instruct -o llama-f16.gguf --outtype f16
+      atd-gguf convert ./Llama-3.2-1B-Instruct -o llama-atd3.gguf --planes 3
+      atd-gguf convert meta-llama/Llama-3.2-1B-Instruct -o l.gguf --planes 2 --imatrix imatrix.gguf
     """
     from .convert import ConvertOptions
     from .convert import convert as run_convert
 
-    options = ConvertOptions(outtype=outtype, force=force, progress=not no_progress)
+    if planes is None:
+        if imatrix is not None:
+            raise AtdError("--imatrix needs --planes (it weights the ATD fit)")
+        options = ConvertOptions(outtype=outtype or "f16", force=force, progress=not no_progress)
+    else:
+        if outtype is not None:
+            raise AtdError("--outtype and --planes exclude each other (use --embed-type for the embeddings)")
+        from .atd_policy import AtdOptions
+
+        options = AtdOptions(planes, method, embed_type, imatrix).convert_options(
+            force=force, progress=not no_progress)
     start = time.perf_counter()
     result = run_convert(model, output, options)
     click.echo(f"wrote {result.path}: {result.n_tensors} tensors, {result.n_params:,} weights, "

@@ -70,6 +70,8 @@ class ConvertOptions:
     encode: Encoder = stock_encode
     file_type: int | None = None
     extra_kv: dict[str, object] = field(default_factory=dict)
+    # called with [(name, type)] before anything is written; raises AtdError to refuse
+    check_plan: Callable[[list[tuple[str, QT]]], None] | None = None
     force: bool = False
     progress: bool = True
 
@@ -141,6 +143,8 @@ def convert(model: str | Path, output: str | Path, options: ConvertOptions | Non
         plan.append((source, qtype))
         writer.add_tensor_info(source.name, source.shape, np.dtype(np.float32),
                                tensor_nbytes(qtype, source.shape), raw_dtype=qtype)
+    if options.check_plan is not None:
+        options.check_plan([(source.name, qtype) for source, qtype in plan])
     _add_metadata(writer, llama, options)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
