@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-fixtures: install
+fixtures: llama-src
 	$(PY) scripts/make_fixtures.py --out $(FIXTURES)
 
 llama-src: install

@@ -1,0 +1,48 @@
+"""ATD (Adaptive Ternary Decomposition) GGUF tensor types.
+
+    W ~= sum_{i<N} alpha_i * T_i,  T_i in {-1,0,+1}, one fp16 alpha per plane per block.
+
+See docs/atd-format.md for the byte-exact format and the reproducible fit.
+Importing this package registers the types with gguf-py (register_with_gguf()).
+"""
+
+from .atd import (
+    ATD_TYPES,
+    ATD_TYPE_ID_BASE,
+    GGML_TYPE_COUNT_PATCHED,
+    AtdType,
+    UnknownAtdType,
+    atd_type,
+    atd_type_for,
+    dequantize,
+    dequantize_blocks,
+    fallback_type_name_for,
+    pack_blocks,
+    unpack_blocks,
+)
+from .fit import DEFAULT_CANDIDATES, DEFAULT_ITERS, METHODS, fit_blocks, quantize
+from .register import gguf_qtype, register_with_gguf
+
+__all__ = [
+    "AtdType",
+    "ATD_TYPES",
+    "ATD_TYPE_ID_BASE",
+    "GGML_TYPE_COUNT_PATCHED",
+    "UnknownAtdType",
+    "atd_type",
+    "atd_type_for",
+    "fallback_type_name_for",
+    "quantize",
+    "dequantize",
+    "dequantize_blocks",
+    "fit_blocks",
+    "pack_blocks",
+    "unpack_blocks",
+    "register_with_gguf",
+    "gguf_qtype",
+    "DEFAULT_ITERS",
+    "DEFAULT_CANDIDATES",
+    "METHODS",
+]
+
+register_with_gguf()
