@@ -7,7 +7,7 @@ FIXTURES := $(BUILD)/fixtures
 DEMO_MODEL := $(FIXTURES)/smollm2-135m-instruct
 STAMP   := $(VENV)/.installed
 
-.PHONY: install fixtures llama-src demo test bench-fit clean
+.PHONY: install fixtures llama-src demo test bench-fit bench-convert clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,14 +25,17 @@ llama-src: install
 	$(PY) scripts/llama_cpp_source.py
 
 demo: fixtures
-	$(VENV)/bin/atd-gguf convert $(DEMO_MODEL) -o $(BUILD)/demo-f16.gguf --outtype f16 --force
-	$(VENV)/bin/atd-gguf inspect $(BUILD)/demo-f16.gguf --summary
+	$(VENV)/bin/atd-gguf convert $(DEMO_MODEL) -o $(BUILD)/demo-atd3.gguf --planes 3 --force
+	$(VENV)/bin/atd-gguf inspect $(BUILD)/demo-atd3.gguf --summary
 
 test: fixtures llama-src
 	$(PY) -m pytest -q
 
 bench-fit: install
 	$(PY) scripts/bench_fit.py
+
+bench-convert: fixtures
+	$(PY) scripts/bench_convert.py
 
 clean:
 	rm -rf $(BUILD)/demo-*.gguf .pytest_cache

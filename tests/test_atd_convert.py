@@ -108,7 +108,8 @@ def test_more_planes_fit_better(llama3_dir, tmp_path):
     errors = []
     for planes in (1, 2, 3, 4):
         out = tmp_path / f"p{planes}.gguf"
-        assert run_cli("convert", llama3_dir, "-o", out, "--planes", planes, "--no-progress").exit_code == 0
+        assert run_cli("convert", llama3_dir, "-o", out, "--planes", planes, "--embed-type", "f16",
+                       "--no-progress").exit_code == 0
         t = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.ffn_gate.weight")
         assert t.tensor_type.name == f"ATD{planes}"
         values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
@@ -118,8 +119,6 @@ def test_more_planes_fit_better(llama3_dir, tmp_path):
 
 def test_imatrix_weights_the_fit(llama3_dir, tmp_path):
     rng = np.random.default_rng(1)
-    reader = gguf.GGUFReader(llama3_dir.parent / "unused.gguf") if False else None  # noqa: F841
-    shapes = {"blk.0.ffn_gate.weight": 256}
     names = [f"blk.{b}.{k}.weight" for b in range(2)
              for k in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")]
     entries = {n: rng.gamma(0.5, size=256).astype(np.float32) for n in names}
@@ -128,8 +127,9 @@ def test_imatrix_weights_the_fit(llama3_dir, tmp_path):
     imatrix = tmp_path / "imatrix.dat"
     write_legacy_imatrix(imatrix, entries)
     plain, weighted = tmp_path / "plain.gguf", tmp_path / "weighted.gguf"
-    assert run_cli("convert", llama3_dir, "-o", plain, "--planes", "2", "--no-progress").exit_code == 0
-    result = run_cli("convert", llama3_dir, "-o", weighted, "--planes", "2", "--imatrix", imatrix, "--no-progress")
+    common = ("--planes", "2", "--embed-type", "f16", "--no-progress")
+    assert run_cli("convert", llama3_dir, "-o", plain, *common).exit_code == 0
+    result = run_cli("convert", llama3_dir, "-o", weighted, *common, "--imatrix", imatrix)
     assert result.exit_code == 0, result.output
     source = hf_tensor(llama3_dir, "model.layers.0.mlp.gate_proj.weight")
     h = entries["blk.0.ffn_gate.weight"]
@@ -142,7 +142,6 @@ def test_imatrix_weights_the_fit(llama3_dir, tmp_path):
         if label == "weighted":
             assert r.fields["atd.imatrix"].contents() == "imatrix.dat"
     assert errs["weighted"] < 0.97 * errs["plain"], errs
-    del shapes
 
 
 @pytest.mark.parametrize("planes", ["0", "5"])
@@ -160,7 +159,6 @@ def test_outtype_and_planes_exclude_each_other(llama3_dir, tmp_path):
 
 
 def test_nan_weights_rejected_for_atd(llama3_dir, tmp_path):
-    from test_convert import test_nan_weights_leave_no_output  # noqa: F401  same corruption, ATD path
     model = tmp_path / "model"
     model.mkdir()
     for f in llama3_dir.iterdir():

@@ -188,3 +188,24 @@ def test_offline_repo_id(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "some-org/some-model" in lines[0], proc.stderr
     assert "offline" in lines[0]
     assert_no_output(out)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_f16_and_f32_checkpoints_match_llama_cpp(dtype, llama3_dir, reference_gguf, tmp_path):
+    """The same model stored in f16 / f32 (single file) converts exactly like llama.cpp does."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / f"llama3-tiny-{dtype}"
+    model.mkdir()
+    tensors = {}
+    for shard in sorted(llama3_dir.glob("model-*.safetensors")):
+        tensors.update({k: v.to(getattr(torch, dtype)) for k, v in load_file(shard).items()})
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    for f in llama3_dir.iterdir():
+        if f.suffix == ".json" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, model / f.name)
+    ours = tmp_path / "ours.gguf"
+    result = run_cli("convert", model, "-o", ours, "--outtype", "f16", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert gguf_differences(ours, reference_gguf(model, "f16")) == []
