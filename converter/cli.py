@@ -116,5 +116,111 @@ def inspect(gguf_file: Path, as_json: bool, summary: bool) -> None:
         click.echo(format_summary(info, per_tensor=not summary))
 
 
+@main.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Modelfile to write (default: MODEL.Modelfile next to MODEL.gguf).")
+@click.option("--system", default=None,
+              help="SYSTEM message. Default: the chat template's built-in system prompt, if it has one; "
+                   "pass --system '' for none.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Extra PARAMETER (repeatable), checked against Ollama's table, e.g. top_p=0.9 or stop=END.")
+@click.option("--num-ctx", type=click.IntRange(min=1), default=None, help="PARAMETER num_ctx (context length).")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=None, help="PARAMETER temperature.")
+@click.option("--force", is_flag=True, help="Overwrite an existing Modelfile.")
+def modelfile(gguf_file: Path, output: Path | None, system: str | None, params: tuple[str, ...],
+              num_ctx: int | None, temperature: float | None, force: bool) -> None:
+    """Write an Ollama Modelfile for GGUF_FILE (FROM, TEMPLATE, stops, PARAMETERs, SYSTEM, LICENSE).
+
+    The TEMPLATE is Ollama's Go template for the GGUF's chat template (Llama-3 instruct or ChatML);
+    an unrecognized template is left out, so Ollama uses the GGUF's own. See docs/ollama.md.
+
+    \b
+    Example:
+      atd-gguf modelfile smollm2-q8_0.gguf --num-ctx 4096 --temperature 0.7
+      ollama create smollm2 -f smollm2-q8_0.Modelfile
+    """
+    from .modelfile import ModelfileOptions, parse_param_option, write_modelfile
+
+    pairs = [parse_param_option(p) for p in params]
+    if num_ctx is not None:
+        pairs.append(("num_ctx", str(num_ctx)))
+    if temperature is not None:
+        pairs.append(("temperature", repr(temperature)))
+    result = write_modelfile(gguf_file, output, ModelfileOptions(system=system, params=pairs, force=force))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    template = result.template.name if result.template else "none (the GGUF's own)"
+    click.echo(f"wrote {result.path} (template: {template}); create the model with: "
+               f"ollama create NAME -f {result.path}")
+
+
+@main.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--repo", required=True, metavar="NAMESPACE/NAME", help="Hub model repo to create or update.")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--dry-run", is_flag=True, help="Show the files and the model card; contact nobody.")
+@click.option("--endpoint", default=None, metavar="URL",
+              help="Hub URL (default: HF_ENDPOINT, else https://huggingface.co).")
+@click.option("--license", "license_", default=None, metavar="ID",
+              help="License id for the card (default: general.license from the GGUF), e.g. apache-2.0.")
+@click.option("--base-model", default=None, metavar="NAMESPACE/NAME",
+              help="Base model repo for the card (default: general.base_model.0 from the GGUF, if any).")
+@click.option("--quality", type=click.Path(path_type=Path), default=None, metavar="FILE.md",
+              help="Markdown with quality measurements (e.g. a perplexity table) to put in the card.")
+def publish(gguf_file: Path, repo: str, private: bool, dry_run: bool, endpoint: str | None,
+            license_: str | None, base_model: str | None, quality: Path | None) -> None:
+    """Upload GGUF_FILE to the Hugging Face Hub with a model card and Ollama template/params files.
+
+    One commit adds the GGUF, README.md and, for a recognized chat template, Ollama's `template`
+    and `params` files. The token comes from HF_TOKEN or `hf auth login` and is never printed.
+
+    \b
+    Examples:
+      atd-gguf publish llama-atd3.gguf --repo me/Llama-3.2-1B-ATD3-GGUF --dry-run
+      atd-gguf publish llama-atd3.gguf --repo me/Llama-3.2-1B-ATD3-GGUF --license llama3.2
+      atd-gguf publish l.gguf --repo me/l-gguf --base-model meta-llama/Llama-3.2-1B-Instruct --private
+    """
+    from .publish import describe_plan, plan_publish
+    from .publish import publish as run_publish
+
+    plan = plan_publish(gguf_file, repo, private=private, license=license_, base_model=base_model, quality=quality)
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if dry_run:
+        click.echo(describe_plan(plan))
+        return
+    result = run_publish(plan, endpoint=endpoint)
+    click.echo(f"uploaded {', '.join(result.uploaded)} ({plan.total_bytes:,} bytes) to {result.repo_url} "
+               f"in commit {result.commit_oid[:12]}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help="The prompt (with --chat: the user message).")
+@click.option("-n", "--n-predict", type=int, default=128, show_default=True, help="Tokens to generate at most.")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template (one user turn) and answer it.")
+@click.option("--system", default=None, help="With --chat: a system prompt.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Sampling seed.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice).")
+@click.option("-c", "--ctx-size", type=int, default=2048, show_default=True, help="Context length.")
+def run(model: Path, prompt: str, n_predict: int, chat: bool, system: str | None, temp: float, seed: int,
+        threads: int | None, ctx_size: int) -> None:
+    """Generate text with MODEL (an ATD or stock GGUF) on the patched llama.cpp (`make llama`).
+
+    \b
+    Examples:
+      atd-gguf run smollm2-atd3.gguf -p "What is the capital of France?" --chat
+      atd-gguf run llama-atd3.gguf -p "Once upon a time" -n 64
+    """
+    from .run import run as run_model
+
+    if system is not None and not chat:
+        raise AtdError("--system needs --chat")
+    click.echo(run_model(model, prompt, n_predict, chat, temp=temp, seed=seed, threads=threads,
+                         ctx_size=ctx_size, system=system))
+
+
 if __name__ == "__main__":
     main()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,6 +14,7 @@ from gguf import LlamaFileType
 from . import __version__
 from .checkpoint import Checkpoint, resolve_model
 from .errors import AtdError
+from .fsutil import atomic_output, check_output_path
 from .llama import ARCH, LlamaModel, SourceTensor
 from .vocab import BpeVocab
 
@@ -118,21 +117,10 @@ def _add_kv(writer: gguf.GGUFWriter, key: str, value: object) -> None:
         writer.add_string(key, str(value))
 
 
-def _output_path(output: Path, force: bool) -> Path:
-    output = Path(output)
-    if output.exists() and not force:
-        raise AtdError(f"{output} exists (use --force to overwrite)")
-    if output.is_dir():
-        raise AtdError(f"{output} is a directory")
-    if not output.parent.is_dir():
-        raise AtdError(f"{output.parent}: no such directory for the output")
-    return output
-
-
 def convert(model: str | Path, output: str | Path, options: ConvertOptions | None = None) -> ConvertResult:
     """Convert a LlamaForCausalLM checkpoint (directory or Hub repo id) to a GGUF file."""
     options = options or ConvertOptions()
-    output = _output_path(Path(output), options.force)
+    output = check_output_path(Path(output), options.force)
     llama = LlamaModel(Checkpoint(resolve_model(str(model))))
     choose = options.type_choice()
 
@@ -147,37 +135,31 @@ def convert(model: str | Path, output: str | Path, options: ConvertOptions | Non
         options.check_plan([(source.name, qtype) for source, qtype in plan])
     _add_metadata(writer, llama, options)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     n_params = n_bytes = 0
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        total = sum(int(np.prod(s.shape)) for s, _ in plan)
-        from tqdm import tqdm
+    with atomic_output(output, options.force) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            total = sum(int(np.prod(s.shape)) for s, _ in plan)
+            from tqdm import tqdm
 
-        # disable=None hides the bar when stderr is not a terminal
-        with tqdm(total=total, unit="w", unit_scale=True, disable=None if options.progress else True,
-                  desc="converting", leave=False) as bar:
-            for source, qtype in plan:
-                bar.set_postfix_str(source.name, refresh=False)
-                data = source.load()
-                if not np.isfinite(data).all():
-                    raise AtdError(f"tensor {source.name} contains NaN or Inf values")
-                encoded = np.ascontiguousarray(options.encode(qtype, data, source.name))
-                writer.write_tensor_data(encoded)
-                n_params += data.size
-                n_bytes += encoded.nbytes
-                bar.update(data.size)
-                del data, encoded
-        writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            # disable=None hides the bar when stderr is not a terminal
+            with tqdm(total=total, unit="w", unit_scale=True, disable=None if options.progress else True,
+                      desc="converting", leave=False) as bar:
+                for source, qtype in plan:
+                    bar.set_postfix_str(source.name, refresh=False)
+                    data = source.load()
+                    if not np.isfinite(data).all():
+                        raise AtdError(f"tensor {source.name} contains NaN or Inf values")
+                    encoded = np.ascontiguousarray(options.encode(qtype, data, source.name))
+                    writer.write_tensor_data(encoded)
+                    n_params += data.size
+                    n_bytes += encoded.nbytes
+                    bar.update(data.size)
+                    del data, encoded
+        finally:
+            writer.close()
     return ConvertResult(output, len(plan), n_params, n_bytes)
 
 

@@ -1,0 +1,84 @@
+"""`atd-gguf run`: generate text from a GGUF (ATD or stock types) with the patched llama.cpp.
+
+The model runs in the patched `llama-completion` binary (built by `make llama`, see
+docs/llama-plugin.md) as a subprocess: single-shot generation, greedy by default, with the
+GGUF's own chat template (Jinja) in --chat mode. Its log goes to a pipe and is shown only
+when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from .errors import AtdError
+
+ROOT = Path(__file__).resolve().parent.parent
+# ATD_LLAMA_BIN_DIR overrides where the patched binaries are (default: this checkout's build)
+DEFAULT_BIN_DIR = ROOT / "build" / "llama.cpp-patched" / "build" / "bin"
+
+
+def bin_dir() -> Path:
+    return Path(os.environ.get("ATD_LLAMA_BIN_DIR") or DEFAULT_BIN_DIR)
+
+
+def completion_binary() -> Path:
+    path = bin_dir() / "llama-completion"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise AtdError(f"the patched llama.cpp is not built ({path} missing): run `make llama` first")
+    return path
+
+
+def build_command(model: Path, prompt: str, n_predict: int, chat: bool, *, temp: float = 0.0,
+                  seed: int = 42, threads: int | None = None, ctx_size: int = 2048,
+                  system: str | None = None) -> list[str]:
+    cmd = [str(completion_binary()), "-m", str(model), "-p", prompt, "-n", str(n_predict),
+           "--temp", str(temp), "--seed", str(seed), "-c", str(ctx_size),
+           "--no-display-prompt", "--no-warmup", "--no-perf", "--simple-io"]
+    if threads:
+        cmd += ["-t", str(threads)]
+    if chat:
+        # one user turn through the model's chat template, then exit
+        cmd += ["--jinja", "-cnv", "--single-turn"]
+        if system:
+            cmd += ["-sys", system]
+    else:
+        cmd += ["-no-cnv"]
+    return cmd
+
+
+def _failure_line(log: str) -> str:
+    """The most telling line of llama.cpp's log: the last error-looking one, else the last one."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    for line in reversed(lines):
+        low = line.lower()
+        if "error" in low or "failed" in low or "invalid" in low:
+            return line
+    return lines[-1] if lines else "no output"
+
+
+def run(model: Path, prompt: str, n_predict: int = 128, chat: bool = False, **options) -> str:
+    """Generate; returns the generated text (without the prompt)."""
+    model = Path(model)
+    if not model.is_file():
+        raise AtdError(f"{model}: no such file")
+    cmd = build_command(model, prompt, n_predict, chat, **options)
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    out = proc.stdout.decode("utf-8", errors="replace")
+    if proc.returncode != 0:
+        detail = _failure_line(proc.stderr.decode("utf-8", errors="replace"))
+        if proc.returncode < 0:
+            detail = f"killed by signal {-proc.returncode}; {detail}"
+        raise AtdError(f"llama-completion failed on {model} (exit {proc.returncode}): {detail}")
+    return clean_output(out, chat)
+
+
+def clean_output(out: str, chat: bool) -> str:
+    text = out
+    for marker in ("[end of text]",):
+        text = text.replace(marker, "")
+    if chat:
+        # conversation mode prints a "> " input marker before exiting
+        text = "\n".join(line for line in text.splitlines() if line.strip() not in (">",))
+    return text.strip("\n")
