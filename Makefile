@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: install fixtures llama-src demo test bench-fit bench-convert clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard ggml-ext/*.c ggml-ext/*.h ggml-ext/build_ffi.py)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# the local CPU wheel: any other torch spec pulls GBs of CUDA packages
 	$(PY) -m pip install -q torch==2.13.0

@@ -84,6 +84,8 @@ ggml_half atd_fp32_to_fp16(float f);
 // The reference grid fit of docs/atd-format.md section 6 for one row of k weights (k % B == 0);
 // imatrix: per-column importance of length k, or NULL. Bytes equal gguf_types.quantize().
 void   atd_quantize_row_ref(const float * x, void * y, int64_t k, int planes, int block, const float * imatrix);
+// the same fit block by block, a plain transcription of section 6 (tests check that both paths agree)
+void   atd_quantize_row_scalar(const float * x, void * y, int64_t k, int planes, int block, const float * imatrix);
 // nrows rows of n_per_row weights, split over n_threads threads (0: all cores); returns bytes written.
 size_t atd_quantize_rows(const float * x, void * y, int64_t nrows, int64_t n_per_row, int planes, int block,
                          const float * imatrix, int n_threads);

@@ -20,6 +20,7 @@ from .atd import (
     pack_blocks,
     unpack_blocks,
 )
+from ._native import native_available
 from .fit import DEFAULT_CANDIDATES, DEFAULT_ITERS, METHODS, fit_blocks, quantize
 from .register import gguf_qtype, register_with_gguf
 
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_ITERS",
     "DEFAULT_CANDIDATES",
     "METHODS",
+    "native_available",
 ]
 
 register_with_gguf()

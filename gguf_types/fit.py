@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _native
 from .atd import AtdType, atd_type, pack_blocks
 
 __all__ = [
@@ -380,15 +381,28 @@ def quantize(w: np.ndarray, atype: "AtdType | str | int", method: str = "grid",
     """Quantize a (rows, cols) weight matrix to ATD bytes of shape (rows, cols // B * type_size).
 
     importance: optional per-column weights h_j >= 0 (llama.cpp imatrix: mean x_j^2), broadcast over rows.
+    The default grid fit runs in C (gguf_types._atd_c, all cores; ATD_THREADS=k limits them) when the
+    extension is built, with the same bytes; ATD_NO_NATIVE=1 forces this numpy code.
     """
     t = atd_type(atype)
     if method not in METHODS:
         raise ValueError(f"unknown ATD fit method {method!r}; choose from {METHODS}")
     w = _check_weights(w)
-    rows, cols = w.shape
+    cols = w.shape[1]
     if cols % t.block_size != 0:
         raise ValueError(f"{t.name}: row length {cols} is not a multiple of the block size {t.block_size}")
     h = _check_importance(importance, cols)
+    if (method == "grid" and iters == DEFAULT_ITERS and n_candidates == DEFAULT_CANDIDATES
+            and _native.native_available()):
+        # the C port of this fit (ggml-ext/atd-quants.c): the same bytes, threaded over rows
+        return _native.quantize_rows(w, t, h, chunk_weights=chunk_weights)
+    return _quantize_numpy(w, t, method, h, iters, n_candidates, chunk_weights)
+
+
+def _quantize_numpy(w: np.ndarray, t: AtdType, method: str, h: np.ndarray | None, iters: int,
+                    n_candidates: int, chunk_weights: int = CHUNK_WEIGHTS) -> np.ndarray:
+    """The numpy fit of quantize() on validated input (float32 w, checked importance h or None)."""
+    rows, cols = w.shape
     B = t.block_size
     bpr = cols // B
     out = np.empty((rows, bpr * t.type_size), dtype=np.uint8)

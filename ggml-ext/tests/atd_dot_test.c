@@ -1,0 +1,309 @@
+// Test driver for ggml-ext/atd-dot.c: random ATD rows (packed here from docs/atd-format.md §2,
+// independent of atd-quants.c) against q8 activations.
+//   - every available kernel path == scalar path, bit for bit;
+//   - scalar path == double-precision dot of the decoded weights and activations, within tolerance;
+//   - the ggml-style wrappers == atd_vec_dot.
+// Prints "N passed, M failed"; exit status 1 if anything failed.
+//
+//   gcc -std=c11 -O1 -g -fsanitize=address,undefined -Iggml-ext ggml-ext/*.c ggml-ext/tests/atd_dot_test.c -lm
+#include "atd.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+// internal test hook of atd-dot.c (not part of atd.h): force a variant inside a path, 0 = best.
+// AVX2: 1 maddubs, 2 AVX-VNNI, 3 AVX512-VL vpdpbusd on ymm (stand-in for 2); AVX-512: 1 shift, 2 GFNI.
+// Returns 1 if this build and CPU can run it.
+int atd_dot_set_variant(int path, int variant);
+#define MAX_VARIANTS 3
+
+static int n_pass = 0, n_fail = 0;
+
+#define CHECK(cond, ...)                                  \
+    do {                                                  \
+        if (cond) {                                       \
+            n_pass++;                                     \
+        } else {                                          \
+            n_fail++;                                     \
+            if (n_fail <= 30) {                           \
+                fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+                fprintf(stderr, __VA_ARGS__);             \
+                fprintf(stderr, "\n");                    \
+            }                                             \
+        }                                                 \
+    } while (0)
+
+// ---- rng -------------------------------------------------------------------------------------
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rng_u64(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+static double rng_unif(void) { return (double)(rng_u64() >> 11) * (1.0 / 9007199254740992.0); }
+static double rng_gauss(void) {
+    double u1 = rng_unif(), u2 = rng_unif();
+    if (u1 < 1e-300) u1 = 1e-300;
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+// ---- fp16 (own, independent of the library) ---------------------------------------------------
+static double h2d(uint16_t h) {
+    const int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    double    v;
+    if (e == 0) v = ldexp((double)m, -24);
+    else if (e == 31) v = m ? NAN : INFINITY;
+    else v = ldexp((double)(m | 1024), e - 25);
+    return s ? -v : v;
+}
+// random finite fp16: mostly "typical" scales, sometimes zero, negative, subnormal or large
+static uint16_t rand_half(int mode) {
+    if (mode == 1) return (uint16_t)(rng_u64() & 0x7bffu) | (uint16_t)(rng_u64() & 0x8000u);  // any finite-ish
+    const uint32_t r = (uint32_t)(rng_u64() % 16);
+    if (r == 0) return 0x0000;                       // +0
+    if (r == 1) return (uint16_t)(0x8000u | (rng_u64() & 0x3ffu));  // negative subnormal
+    if (r == 2) return 0x7bffu;                      // 65504
+    uint16_t e = (uint16_t)(8 + rng_u64() % 10);     // 2^-7 .. 2^2
+    uint16_t h = (uint16_t)((e << 10) | (rng_u64() & 0x3ffu));
+    if (rng_u64() & 1) h |= 0x8000u;
+    return h;
+}
+
+// ---- ATD packer (docs/atd-format.md §2) --------------------------------------------------------
+// codes[i][e] in 0..2, element e of plane i; writes one block of N planes x B weights
+static void pack_block(uint8_t * dst, int N, int B, const uint16_t * d, const uint8_t codes[][256]) {
+    for (int i = 0; i < N; ++i) {
+        dst[2 * i]     = (uint8_t)(d[i] & 0xff);
+        dst[2 * i + 1] = (uint8_t)(d[i] >> 8);
+    }
+    const int Q = B / 4;
+    for (int i = 0; i < N; ++i) {
+        for (int j = 0; j < Q; ++j) {
+            dst[2 * N + i * Q + j] = (uint8_t)(codes[i][j] | codes[i][j + Q] << 2 | codes[i][j + 2 * Q] << 4 |
+                                               codes[i][j + 3 * Q] << 6);
+        }
+    }
+}
+
+// ---- one row -----------------------------------------------------------------------------------
+typedef struct {
+    int       N, B, n;
+    uint8_t * x;        // packed row
+    void *    y;        // q8 blocks
+    double *  w;        // decoded weights (double)
+    double *  a;        // decoded activations (double)
+} row_t;
+
+// kind: 0 random, 1 extreme (codes all 2 / all 0 with q = +-127/-128), 2 sparse codes, 3 all-zero
+static row_t make_row(int N, int B, int n, int kind) {
+    row_t r = { N, B, n, NULL, NULL, NULL, NULL };
+    const int    nb  = n / B;
+    const size_t bsz = (size_t)ATD_TYPE_SIZE(N, B);
+    r.x = malloc(bsz * nb);
+    r.w = calloc(n, sizeof(double));
+    r.a = calloc(n, sizeof(double));
+    static uint8_t codes[ATD_MAX_PLANES][256];
+    for (int b = 0; b < nb; ++b) {
+        uint16_t d[ATD_MAX_PLANES];
+        for (int i = 0; i < N; ++i) {
+            d[i] = kind == 3 ? 0 : rand_half(kind == 1 ? 0 : (rng_u64() % 8 == 0));
+            const int fill = (int)(rng_u64() % 3);
+            for (int e = 0; e < B; ++e) {
+                uint8_t c;
+                if (kind == 1) c = (uint8_t)(b & 1 ? fill : 2 * (int)(rng_u64() & 1));
+                else if (kind == 2) c = (rng_u64() % 10 == 0) ? (uint8_t)(rng_u64() % 3) : 1;
+                else if (kind == 3) c = 1;
+                else c = (uint8_t)(rng_u64() % 3);
+                codes[i][e] = c;
+            }
+        }
+        pack_block(r.x + b * bsz, N, B, d, codes);
+        for (int e = 0; e < B; ++e) {
+            double v = 0.0;
+            for (int i = 0; i < N; ++i) v += h2d(d[i]) * ((int)codes[i][e] - 1);
+            r.w[b * B + e] = v;
+        }
+    }
+    // activations: float -> library q8 quantizer, or raw extreme int8 blocks built here
+    float * f = malloc(sizeof(float) * n);
+    const double scale = exp(rng_gauss() * 3.0);
+    for (int e = 0; e < n; ++e) f[e] = (float)(rng_gauss() * scale);
+    if (B == QK_ATD) {
+        block_q8_K * y = malloc(sizeof(block_q8_K) * (n / QK_K));
+        atd_quantize_row_q8_K_ref(f, y, n);
+        if (kind == 1) {
+            for (int b = 0; b < n / QK_K; ++b) {
+                const int sgn = (int)(rng_u64() % 3);
+                for (int e = 0; e < QK_K; ++e) {
+                    y[b].qs[e] = (int8_t)(sgn == 0 ? 127 : sgn == 1 ? -128 : ((rng_u64() & 1) ? 127 : -128));
+                }
+                for (int g = 0; g < QK_K / 16; ++g) {
+                    int sum = 0;
+                    for (int e = 0; e < 16; ++e) sum += y[b].qs[g * 16 + e];
+                    y[b].bsums[g] = (int16_t)sum;
+                }
+            }
+        }
+        for (int b = 0; b < n / QK_K; ++b)
+            for (int e = 0; e < QK_K; ++e) r.a[b * QK_K + e] = (double)y[b].d * y[b].qs[e];
+        r.y = y;
+    } else {
+        block_q8_0 * y = malloc(sizeof(block_q8_0) * (n / QK8_0));
+        atd_quantize_row_q8_0_ref(f, y, n);
+        if (kind == 1) {
+            for (int b = 0; b < n / QK8_0; ++b) {
+                const int sgn = (int)(rng_u64() % 3);
+                for (int e = 0; e < QK8_0; ++e) {
+                    y[b].qs[e] = (int8_t)(sgn == 0 ? 127 : sgn == 1 ? -128 : ((rng_u64() & 1) ? 127 : -128));
+                }
+                y[b].d = rand_half(0);
+            }
+        }
+        for (int b = 0; b < n / QK8_0; ++b)
+            for (int e = 0; e < QK8_0; ++e) r.a[b * QK8_0 + e] = h2d(y[b].d) * y[b].qs[e];
+        r.y = y;
+    }
+    free(f);
+    return r;
+}
+
+static void free_row(row_t * r) {
+    free(r->x);
+    free(r->y);
+    free(r->w);
+    free(r->a);
+}
+
+static const char * path_name(int p) {
+    switch (p) {
+        case ATD_PATH_SCALAR: return "scalar";
+        case ATD_PATH_AVX2: return "avx2";
+        case ATD_PATH_AVX512: return "avx512";
+        case ATD_PATH_NEON: return "neon";
+        default: return "auto";
+    }
+}
+
+typedef void (*ggml_vec_dot_t)(int, float *, size_t, const void *, size_t, const void *, size_t, int);
+static ggml_vec_dot_t wrapper(int N, int B) {
+    static const ggml_vec_dot_t w256[4] = { ggml_vec_dot_atd1_q8_K, ggml_vec_dot_atd2_q8_K, ggml_vec_dot_atd3_q8_K,
+                                            ggml_vec_dot_atd4_q8_K };
+    static const ggml_vec_dot_t w64[4]  = { ggml_vec_dot_atd1_64_q8_0, ggml_vec_dot_atd2_64_q8_0,
+                                            ggml_vec_dot_atd3_64_q8_0, ggml_vec_dot_atd4_64_q8_0 };
+    return B == QK_ATD ? w256[N - 1] : w64[N - 1];
+}
+
+static void test_row(int N, int B, int n, int kind) {
+    row_t r = make_row(N, B, n, kind);
+    float ref;
+    atd_vec_dot_path(n, &ref, r.x, r.y, N, B, ATD_PATH_SCALAR);
+
+    // scalar vs double dequantize . dot; the kernel rounds each block's float sum once, so the
+    // error is bounded by a few float ulps of sum |w||a|
+    double dot = 0.0, mag = 0.0;
+    for (int e = 0; e < n; ++e) {
+        dot += r.w[e] * r.a[e];
+        mag += fabs(r.w[e] * r.a[e]);
+    }
+    const double tol = 4e-7 * mag + 1e-30;
+    CHECK(fabs((double)ref - dot) <= tol, "N=%d B=%d n=%d kind=%d: scalar %.9g vs double %.9g (tol %.3g)", N, B, n,
+          kind, (double)ref, dot, tol);
+
+    for (int p = ATD_PATH_AVX2; p <= ATD_PATH_NEON; ++p) {
+        if (!atd_path_available(p)) continue;
+        for (int v = 1; v <= MAX_VARIANTS; ++v) {
+            if (!atd_dot_set_variant(p, v)) continue;
+            float got = NAN;
+            atd_vec_dot_path(n, &got, r.x, r.y, N, B, p);
+            CHECK(memcmp(&got, &ref, sizeof got) == 0, "N=%d B=%d n=%d kind=%d path %s (variant %d): %.9g != scalar %.9g",
+                  N, B, n, kind, path_name(p), v, (double)got, (double)ref);
+        }
+        atd_dot_set_variant(p, 0);
+    }
+    float viaw = NAN, auto_ = NAN;
+    wrapper(N, B)(n, &viaw, 0, r.x, 0, r.y, 0, 1);
+    atd_vec_dot(n, &auto_, r.x, r.y, N, B);
+    CHECK(memcmp(&viaw, &ref, sizeof ref) == 0 && memcmp(&auto_, &ref, sizeof ref) == 0,
+          "N=%d B=%d n=%d: wrapper %.9g / auto %.9g != scalar %.9g", N, B, n, (double)viaw, (double)auto_, (double)ref);
+    free_row(&r);
+}
+
+static void test_quantizers(void) {
+    // q8_K: bsums are the sums of 16 and d*q reproduces x within d/2
+    enum { K = 512 };
+    float x[K];
+    for (int e = 0; e < K; ++e) x[e] = (float)rng_gauss();
+    x[7] = -5.0f;  // the signed max
+    block_q8_K yk[K / QK_K];
+    atd_quantize_row_q8_K_ref(x, yk, K);
+    int ok = 1;
+    for (int b = 0; b < K / QK_K; ++b) {
+        for (int g = 0; g < 16; ++g) {
+            int sum = 0;
+            for (int e = 0; e < 16; ++e) sum += yk[b].qs[g * 16 + e];
+            ok &= sum == yk[b].bsums[g];
+        }
+        for (int e = 0; e < QK_K; ++e) ok &= fabs(yk[b].d * yk[b].qs[e] - x[b * QK_K + e]) <= fabs(yk[b].d) * 0.5001;
+    }
+    CHECK(ok && yk[0].qs[7] == -127, "q8_K reference quantizer");
+    block_q8_0 y0[K / QK8_0];
+    atd_quantize_row_q8_0_ref(x, y0, K);
+    ok = 1;
+    for (int b = 0; b < K / QK8_0; ++b) {
+        const double d = h2d(y0[b].d);
+        for (int e = 0; e < QK8_0; ++e) ok &= fabs(d * y0[b].qs[e] - x[b * QK8_0 + e]) <= d * 0.51 + 1e-6;
+    }
+    CHECK(ok, "q8_0 reference quantizer");
+    float z[QK_K] = { 0 };
+    atd_quantize_row_q8_K_ref(z, yk, QK_K);
+    CHECK(yk[0].d == 0.0f && yk[0].qs[0] == 0 && yk[0].bsums[0] == 0, "q8_K of zeros");
+}
+
+static void test_dispatch(void) {
+    CHECK(atd_path_available(ATD_PATH_SCALAR) == 1, "scalar path must always be available");
+    const int best = atd_selected_path();
+    CHECK(best != ATD_PATH_AUTO && atd_path_available(best), "selected path %d must be available", best);
+    for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p) {
+        atd_set_path(p);
+        if (atd_path_available(p)) CHECK(atd_selected_path() == p, "atd_set_path(%s)", path_name(p));
+        else CHECK(atd_selected_path() == best, "atd_set_path(unavailable %s) keeps the best", path_name(p));
+    }
+    atd_set_path(ATD_PATH_AUTO);
+    CHECK(atd_selected_path() == best, "ATD_PATH_AUTO restores the best path");
+    printf("paths:");
+    for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p)
+        if (atd_path_available(p)) printf(" %s", path_name(p));
+    printf(" (selected %s); variants:", path_name(best));
+    for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p) {
+        for (int v = 1; v <= MAX_VARIANTS; ++v)
+            if (atd_dot_set_variant(p, v)) printf(" %s.%d", path_name(p), v);
+        atd_dot_set_variant(p, 0);
+    }
+    printf("\n");
+}
+
+int main(int argc, char ** argv) {
+    const int reps = argc > 1 ? atoi(argv[1]) : 3;
+    test_dispatch();
+    test_quantizers();
+    for (int rep = 0; rep < reps; ++rep) {
+        for (int N = 1; N <= ATD_MAX_PLANES; ++N) {
+            // block counts 1..9 exercise every group/tail split; 16 and 21 longer rows
+            static const int nbs[] = { 1, 2, 3, 4, 5, 7, 8, 9, 16, 21 };
+            for (size_t t = 0; t < sizeof nbs / sizeof nbs[0]; ++t) {
+                for (int kind = 0; kind < 4; ++kind) {
+                    test_row(N, QK_ATD, nbs[t] * QK_ATD, kind);
+                    test_row(N, QK_ATD_64, nbs[t] * QK_ATD_64, kind);
+                }
+            }
+            test_row(N, QK_ATD, 4096, 0);
+            test_row(N, QK_ATD_64, 576, 0);
+            test_row(N, QK_ATD_64, 64 * 67, 0);
+        }
+    }
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}

@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""Benchmark the ATD vec_dot kernels (ggml-ext/atd-dot.c) against ggml's own TQ2_0 and Q4_0.
+
+Single thread, one activation row (q8_K for B=256 and TQ2_0, q8_0 for B=64 and Q4_0):
+
+* in cache: one row of 4096 weights, dotted many times; best of many short runs;
+* DRAM: a matrix of >= 512 MB of weight bytes (rows of 4096), one pass over all rows per run,
+  the whole pass timed; best of a few runs.
+
+Rates are Gweights/s of the weight row (and per plane = rate x N for ATD). ggml's kernels come
+from the pinned llama.cpp source (scripts/llama_cpp_source.py), built once with cmake into
+build/ggml-bench/ (shared libraries, no -march=native) and called through ctypes
+(ggml_get_type_traits_cpu(type)->vec_dot / from_float). The ATD kernels are compiled here
+from ggml-ext/*.c into build/ggml-bench/libatd-bench.so together with a small timing loop,
+so the loop overhead is the same C call per row for both.
+
+Usage:
+    .venv/bin/python scripts/bench_kernels.py                 # full run, writes docs/bench-kernels.md
+    .venv/bin/python scripts/bench_kernels.py --quick         # in-cache only, no file written
+    .venv/bin/python scripts/bench_kernels.py --dram-mb 1024 --out /tmp/x.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import gguf_types  # noqa: E402
+
+BUILD = ROOT / "build" / "ggml-bench"
+EXT = ROOT / "ggml-ext"
+
+# the project's x86 flags (no -march=native: AMX is reported here but faults). GGML_AVX_VNNI only
+# where the CPU has AVX-VNNI: with it ggml emits VEX vpdpbusd (Q4_0), a SIGILL on e.g. Zen 4.
+GGML_CMAKE_FLAGS = [
+    "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON",
+    "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_BACKEND_DL=OFF", "-DBUILD_SHARED_LIBS=ON",
+    "-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
+]
+
+GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_Q8_K, GGML_TYPE_TQ2_0 = 2, 8, 15, 35
+PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON = 1, 2, 3, 4
+PATH_NAMES = {PATH_SCALAR: "scalar", PATH_AVX2: "AVX2", PATH_AVX512: "AVX-512", PATH_NEON: "NEON"}
+VARIANT_NAMES = {(PATH_AVX2, 1): "maddubs", (PATH_AVX2, 2): "AVX-VNNI", (PATH_AVX2, 3): "VL-VNNI ymm",
+                 (PATH_AVX512, 1): "shift", (PATH_AVX512, 2): "GFNI"}
+
+ROW = 4096
+
+# timing loops in C: the same per-row call overhead for ATD and ggml kernels
+HELPER_C = r"""
+#include "atd.h"
+#include <time.h>
+typedef void (*vec_dot_t)(int, float *, size_t, const void *, size_t, const void *, size_t, int);
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
+
+// rows x row_bytes weights (stride row_bytes), reps passes; returns seconds, sum of results in *out
+double bench_atd(int n, const void * x, size_t row_bytes, long nrows, const void * y, int planes, int block,
+                 int path, long reps, float * out) {
+    float acc = 0.0f, s;
+    double t0 = now();
+    for (long r = 0; r < reps; ++r)
+        for (long i = 0; i < nrows; ++i) {
+            atd_vec_dot_path(n, &s, (const char *)x + i * row_bytes, y, planes, block, path);
+            acc += s;
+        }
+    double t = now() - t0;
+    *out = acc;
+    return t;
+}
+
+double bench_ggml(void * fn, int n, const void * x, size_t row_bytes, long nrows, const void * y, long reps,
+                  float * out) {
+    vec_dot_t f = (vec_dot_t)fn;
+    float acc = 0.0f, s;
+    double t0 = now();
+    for (long r = 0; r < reps; ++r)
+        for (long i = 0; i < nrows; ++i) {
+            f(n, &s, 0, (const char *)x + i * row_bytes, 0, y, 0, 1);
+            acc += s;
+        }
+    double t = now() - t0;
+    *out = acc;
+    return t;
+}
+"""
+
+
+# ------------------------------------------------------------------------------------ builds
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def ggml_cmake_flags() -> list[str]:
+    return GGML_CMAKE_FLAGS + [f"-DGGML_AVX_VNNI={'ON' if 'avx_vnni' in cpu_flags() else 'OFF'}"]
+
+
+def ggml_libs() -> Path:
+    """build/ggml-bench/bin with libggml-base/libggml-cpu (built once from the pinned source)."""
+    lib = BUILD / "bin" / "libggml-cpu.so"
+    stamp = BUILD / "ggml-flags.txt"
+    flags = ggml_cmake_flags()
+    if lib.is_file() and stamp.is_file() and stamp.read_text() == "\n".join(flags):
+        return lib.parent
+    src = Path(subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_cpp_source.py")], check=True,
+                              capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    BUILD.mkdir(parents=True, exist_ok=True)
+    print(f"building ggml from {src} into {BUILD} ...", file=sys.stderr)
+    with open(BUILD / "build.log", "w") as log:  # ggml's compiler warnings go here
+        subprocess.run(["cmake", "-S", str(src), "-B", str(BUILD), *flags], check=True, stdout=log, stderr=log)
+        subprocess.run(["cmake", "--build", str(BUILD), "-j", str(os.cpu_count() or 2), "--target", "ggml-base",
+                        "ggml-cpu", "ggml"], check=True, stdout=log, stderr=log)
+    stamp.write_text("\n".join(flags))
+    return lib.parent
+
+
+def atd_lib() -> Path:
+    """ggml-ext/*.c + the timing loops as one shared library (rebuilt when a source is newer)."""
+    BUILD.mkdir(parents=True, exist_ok=True)
+    helper = BUILD / "atd_bench_helper.c"
+    if not helper.is_file() or helper.read_text() != HELPER_C:
+        helper.write_text(HELPER_C)
+    sources = sorted(EXT.glob("*.c")) + [helper]
+    out = BUILD / "libatd-bench.so"
+    newest = max(p.stat().st_mtime for p in sources + [EXT / "atd.h"])
+    if not out.is_file() or out.stat().st_mtime < newest:
+        # the flags of ggml-ext/build_ffi.py; no -march (paths are chosen at run time)
+        cmd = ["gcc", "-std=gnu11", "-O3", "-ffp-contract=off", "-fno-fast-math", "-pthread", "-shared", "-fPIC",
+               "-I", str(EXT), *map(str, sources), "-o", str(out), "-lm"]
+        subprocess.run(cmd, check=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ ctypes
+
+
+class TypeTraitsCpu(ctypes.Structure):
+    # ggml/include/ggml-cpu.h: struct ggml_type_traits_cpu
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
+
+
+FromFloat = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class Libs:
+    def __init__(self):
+        bindir = ggml_libs()
+        self.base = ctypes.CDLL(str(bindir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        self.cpu = ctypes.CDLL(str(bindir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        self.cpu.ggml_cpu_init()
+        self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TypeTraitsCpu)
+        self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+        self.base.ggml_row_size.restype = ctypes.c_size_t
+        self.base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
+        self.base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        self.atd = ctypes.CDLL(str(atd_lib()))
+        vp, i, l_, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_size_t
+        fp = ctypes.POINTER(ctypes.c_float)
+        self.atd.bench_atd.restype = ctypes.c_double
+        self.atd.bench_atd.argtypes = [i, vp, sz, l_, vp, i, i, i, l_, fp]
+        self.atd.bench_ggml.restype = ctypes.c_double
+        self.atd.bench_ggml.argtypes = [vp, i, vp, sz, l_, vp, l_, fp]
+        self.atd.atd_path_available.argtypes = [i]
+        self.atd.atd_dot_set_variant.argtypes = [i, i]
+        self.atd.atd_quantize_row_q8_K_ref.argtypes = [vp, vp, ctypes.c_int64]
+        self.atd.atd_quantize_row_q8_0_ref.argtypes = [vp, vp, ctypes.c_int64]
+
+    def variant(self, path: int) -> str:
+        for v in (2, 1) if path == PATH_AVX512 else (2, 1) if path == PATH_AVX2 else ():
+            if self.atd.atd_dot_set_variant(path, v):
+                self.atd.atd_dot_set_variant(path, 0)
+                return VARIANT_NAMES[(path, v)]
+        return ""
+
+
+def ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def tile(chunk: np.ndarray, total_bytes: int, row_bytes: int) -> tuple[np.ndarray, int]:
+    """Repeat chunk (whole rows) into >= total_bytes; returns (buffer, nrows)."""
+    nrows = -(-total_bytes // row_bytes)
+    reps = -(-nrows * row_bytes // chunk.size)
+    buf = np.empty(reps * chunk.size, dtype=np.uint8)
+    buf.reshape(reps, chunk.size)[:] = chunk
+    return buf[: nrows * row_bytes], nrows
+
+
+def atd_chunk(rng, planes: int, block: int, rows: int) -> np.ndarray:
+    """rows x ROW weights of valid random ATD blocks (scales ~ N(0, 0.02), trits uniform)."""
+    nb = rows * ROW // block
+    trits = rng.integers(-1, 2, (nb, planes, block)).astype(np.int8)
+    scales = (rng.standard_normal((nb, planes)) * 0.02).astype(np.float16)
+    return gguf_types.pack_blocks(trits, scales).reshape(-1)
+
+
+def ggml_chunk(libs: Libs, rng, gtype: int, rows: int) -> np.ndarray:
+    x = rng.standard_normal(rows * ROW).astype(np.float32) * 0.02
+    row_bytes = libs.base.ggml_row_size(gtype, ROW)
+    out = np.empty(rows * row_bytes, dtype=np.uint8)
+    libs.base.ggml_quantize_chunk(gtype, ptr(x), ptr(out), 0, rows, ROW, None)
+    return out
+
+
+def activations(libs: Libs, rng, act_type: int, ggml_from_float: int | None) -> np.ndarray:
+    x = rng.standard_normal(ROW).astype(np.float32)
+    nbytes = ROW // 256 * 292 if act_type == GGML_TYPE_Q8_K else ROW // 32 * 34
+    y = np.zeros(nbytes + 64, dtype=np.uint8)
+    if ggml_from_float:
+        FromFloat(ggml_from_float)(ptr(x), ptr(y), ROW)
+    elif act_type == GGML_TYPE_Q8_K:
+        libs.atd.atd_quantize_row_q8_K_ref(ptr(x), ptr(y), ROW)
+    else:
+        libs.atd.atd_quantize_row_q8_0_ref(ptr(x), ptr(y), ROW)
+    return y
+
+
+# ------------------------------------------------------------------------------------ timing
+#
+# Other processes may share this machine, so every kernel is timed in alternation with the TQ2_0
+# reference (run k, run TQ2_0, run k, ...), best of each: the ratio compares like with like even
+# when the load changes between kernels.
+
+
+def calibrate(run, target_s: float) -> int:
+    """reps so that run(reps) takes about target_s."""
+    reps = 1
+    while True:
+        t = run(reps)
+        if t >= target_s * 0.5 or reps >= 1 << 30:
+            return reps
+        reps = max(reps * 2, int(reps * target_s / max(t, 1e-9)))
+
+
+def paired_best(run_k, run_ref, runs: int, target_s: float | None) -> tuple[float, float]:
+    """Best seconds per call of run_k and run_ref, alternating; target_s None: one call per run."""
+    rk = calibrate(run_k, target_s) if target_s else 1
+    rr = calibrate(run_ref, target_s) if target_s else 1
+    bk = br = float("inf")
+    for _ in range(runs):
+        bk = min(bk, run_k(rk) / rk)
+        br = min(br, run_ref(rr) / rr)
+    return bk, br
+
+
+class Kernel:
+    """One kernel: in-cache row and DRAM matrix, timed by the C loops of HELPER_C."""
+
+    def __init__(self, libs, chunk, row_bytes, y, fn=None, planes=0, block=0, path=0):
+        self.libs, self.chunk, self.row_bytes, self.y = libs, chunk, row_bytes, y
+        self.fn, self.planes, self.block, self.path = fn, planes, block, path
+        self.buf, self.nrows = None, 0
+        self.out = ctypes.c_float()
+
+    def _call(self, x, nrows, reps):
+        if self.fn is not None:
+            return self.libs.atd.bench_ggml(self.fn, ROW, ptr(x), self.row_bytes, nrows, ptr(self.y), reps,
+                                            ctypes.byref(self.out))
+        return self.libs.atd.bench_atd(ROW, ptr(x), self.row_bytes, nrows, ptr(self.y), self.planes, self.block,
+                                       self.path, reps, ctypes.byref(self.out))
+
+    def cache(self, reps):
+        return self._call(self.chunk, 1, reps)
+
+    def dram(self, reps):
+        return self._call(self.buf, self.nrows, reps)
+
+    def alloc(self, total_bytes):
+        self.buf, self.nrows = tile(self.chunk, total_bytes, self.row_bytes)
+
+    def free(self):
+        self.buf, self.nrows = None, 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="in-cache only, fewer runs, no file written")
+    ap.add_argument("--dram-mb", type=int, default=512, help="weight bytes of the DRAM matrix (default 512)")
+    ap.add_argument("--dram-runs", type=int, default=6, help="passes over the DRAM matrix, best taken")
+    ap.add_argument("--cache-runs", type=int, default=300, help="in-cache runs (~2 ms each), best taken")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench-kernels.md")
+    args = ap.parse_args()
+
+    libs = Libs()
+    rng = np.random.default_rng(0)
+    dram = not args.quick
+    cache_runs = 30 if args.quick else args.cache_runs
+    dram_bytes = args.dram_mb << 20
+
+    def ggml_kernel(gtype):
+        tr = libs.cpu.ggml_get_type_traits_cpu(gtype).contents
+        y = activations(libs, rng, tr.vec_dot_type, tr.from_float)
+        return Kernel(libs, ggml_chunk(libs, rng, gtype, 64), libs.base.ggml_row_size(gtype, ROW), y, fn=tr.vec_dot)
+
+    ref = ggml_kernel(GGML_TYPE_TQ2_0)
+    if dram:
+        ref.alloc(dram_bytes)
+    rows = []  # (kernel, path, planes, bpw, cache Gw/s, TQ2_0 cache Gw/s, DRAM Gw/s, TQ2_0 DRAM Gw/s)
+
+    def measure(name, path, planes, bpw, k: Kernel, scalar=False):
+        ck, cr = paired_best(k.cache, ref.cache, max(5, cache_runs // 10) if scalar else cache_runs, 0.002)
+        c, c_ref = ROW / ck * 1e-9, ROW / cr * 1e-9
+        d = d_ref = None
+        if dram:
+            k.alloc(dram_bytes)
+            dk, dr = paired_best(k.dram, ref.dram, 1 if scalar else args.dram_runs, None)
+            d, d_ref = k.nrows * ROW / dk * 1e-9, ref.nrows * ROW / dr * 1e-9
+            k.free()
+        rows.append((name, path, planes, bpw, c, c_ref, d, d_ref))
+        pn = path if isinstance(path, str) else PATH_NAMES[path]
+        print(f"  {name:8s} {pn:8s} {c:7.1f} Gw/s in cache (TQ2_0 {c_ref:.1f})"
+              + (f", DRAM {d:6.2f} (TQ2_0 {d_ref:.2f})" if dram else ""), file=sys.stderr)
+
+    print("kernels, each timed alternately with ggml TQ2_0 ...", file=sys.stderr)
+    measure("TQ2_0", "ggml", 1, libs.base.ggml_row_size(GGML_TYPE_TQ2_0, ROW) * 8 / ROW, ggml_kernel(GGML_TYPE_TQ2_0))
+    measure("Q4_0", "ggml", 1, libs.base.ggml_row_size(GGML_TYPE_Q4_0, ROW) * 8 / ROW, ggml_kernel(GGML_TYPE_Q4_0))
+
+    paths = [p for p in (PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON) if libs.atd.atd_path_available(p)]
+    for block in (256, 64):
+        for planes in (1, 2, 3, 4):
+            name = f"ATD{planes}" + ("_64" if block == 64 else "")
+            t = gguf_types.atd_type(name)
+            chunk = atd_chunk(rng, planes, block, 64)
+            y = activations(libs, rng, GGML_TYPE_Q8_K if block == 256 else GGML_TYPE_Q8_0, None)
+            for path in paths:
+                k = Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block, path=path)
+                measure(name, path, planes, t.bpw, k, scalar=path == PATH_SCALAR)
+
+    md = report(libs, rows, dram, args)
+    print(md)
+    if not args.quick:
+        args.out.write_text(md)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def machine() -> str:
+    info = {}
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            key, _, val = line.partition(":")
+            info.setdefault(key.strip(), val.strip())
+    except OSError:
+        pass
+    model = info.get("Model name", platform.processor() or platform.machine())
+    if "CPU family" in info:
+        model += f" (family {info['CPU family']}, model {info.get('Model', '?')})"
+    return f"{model}; {os.cpu_count()} logical CPUs; {platform.system()} {platform.machine()}"
+
+
+def report(libs: Libs, rows, dram: bool, args) -> str:
+    def pathname(path):
+        if isinstance(path, str):
+            return path
+        v = libs.variant(path)
+        return PATH_NAMES[path] + (f" ({v})" if v else "")
+
+    tq = next(r for r in rows if r[0] == "TQ2_0")
+    lines = [
+        "# vec_dot kernel throughput: ATD vs ggml TQ2_0 / Q4_0",
+        "",
+        "Generated by `scripts/bench_kernels.py`: single thread, one q8 activation row, rows of 4096 weights.",
+        "",
+        f"* Machine: {machine()}.",
+        f"* ATD paths: {', '.join(pathname(p) for p in PATH_NAMES if libs.atd.atd_path_available(p))}"
+        " (`ggml-ext/atd-dot.c`, gcc -O3, runtime dispatch); ggml: the pinned llama.cpp's own x86 kernels"
+        " (built with AVX2/AVX-512/VNNI flags, no -march=native).",
+        "* **in cache**: one row dotted repeatedly, best of many ~2 ms runs;"
+        + (f" **DRAM**: one pass over a {args.dram_mb} MB matrix of weight bytes, the whole pass timed,"
+           f" best of {args.dram_runs} (scalar: 1)." if dram else " DRAM not measured (--quick)."),
+        "* Gw/s = Gweights/s of the weight row. **per plane** = Gw/s x N (ATD decodes N ternary planes per weight)."
+        " **vs TQ2_0** = per-plane rate / the TQ2_0 rate measured alternately with that kernel (the machine may"
+        " be shared, so every kernel is paired with its own TQ2_0 runs). DRAM GB/s = weight bytes per second.",
+        f"* TQ2_0 reference over all pairings: in cache {max(r[5] for r in rows):.1f} Gw/s"
+        + (f", DRAM {max(r[7] for r in rows):.2f} Gw/s ({max(r[7] for r in rows) * tq[3] / 8:.1f} GB/s)" if dram
+           else "") + ".",
+        "",
+        "| kernel | path | bpw | in cache Gw/s | per plane | vs TQ2_0 | DRAM Gw/s | DRAM GB/s | DRAM per plane | vs TQ2_0 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, path, planes, bpw, c, c_ref, d, d_ref in rows:
+        dcols = ["-"] * 4
+        if d:
+            dcols = [f"{d:.2f}", f"{d * bpw / 8:.1f}", f"{d * planes:.2f}", f"{d * planes / d_ref:.2f}"]
+        lines.append(f"| {name} | {pathname(path)} | {bpw:.4g} | {c:.1f} | {c * planes:.1f} | {c * planes / c_ref:.2f} | "
+                     + " | ".join(dcols) + " |")
+    lines += ["", NOTES]
+    return "\n".join(lines)
+
+
+NOTES = """## Notes
+
+* **Exact results.** Every ATD path returns the same float bits as the scalar reference: the integer
+  plane sums are exact, and the float combination (per block: sum_i alpha_i * isum_i, times d_y, added
+  to one of four block-interleaved double accumulators) uses only products that are exact in the
+  precision used, so FMA contraction and vector width cannot change a bit. The SIMD paths pay for
+  this with one horizontal reduction per block and plane (done for 4 blocks at a time) and a short
+  scalar-ordered double combination per block; ggml's TQ2_0 instead accumulates float vectors
+  across blocks. This per-block cost weighs most on N = 1 and on B = 64.
+* **B = 64** (ATD*_64 against q8_0): every 32 activations carry their own fp16 scale, so each 64-weight
+  block needs two integer sums per plane, the sum of q per 32 (q8_0 has no bsums) and its own
+  combination - about 4x the per-weight bookkeeping of B = 256. Its rates are in the range of ggml's
+  Q4_0 x Q8_0 kernel rather than TQ2_0's.
+* **DRAM**: one core can stream at most about the highest GB/s in the table. Rows near it are
+  memory-bound (there ATD{N} moves N times the bytes of TQ2_0 per weight, so per plane it keeps pace);
+  rows well below it (N = 1, B = 64, scalar) are still compute-bound when streaming. DRAM bandwidth
+  is shared with whatever else runs on the machine, so DRAM columns are noisier than in-cache ones.
+* The TQ2_0 row's own "vs TQ2_0" (the kernel paired with itself) shows the measurement noise.
+* ggml is built with `GGML_AVX_VNNI` only when the CPU has AVX-VNNI: with it ggml's Q4_0 kernel
+  uses the VEX `vpdpbusd`, an illegal instruction on CPUs (such as AMD Zen 4) that have AVX512-VNNI
+  but not AVX-VNNI.
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
