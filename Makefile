@@ -7,7 +7,7 @@ FIXTURES := $(BUILD)/fixtures
 DEMO_MODEL := $(FIXTURES)/smollm2-135m-instruct
 STAMP   := $(VENV)/.installed
 
-.PHONY: install fixtures llama-src demo test bench-fit bench-convert clean
+.PHONY: install fixtures llama-src llama demo test bench-fit bench-convert clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard ggml-ext/*.c ggml-ext/*.h ggml-ext/build_ffi.py)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,16 @@ fixtures: llama-src
 llama-src: install
 	$(PY) scripts/llama_cpp_source.py
 
-demo: fixtures
+# llama.cpp with the ATD types (llama-patch/atd.patch + ggml-ext) and a stock build; docs/llama-plugin.md
+llama: llama-src
+	$(PY) scripts/build_llama.py
+
+demo: fixtures llama
 	$(VENV)/bin/atd-gguf convert $(DEMO_MODEL) -o $(BUILD)/demo-atd3.gguf --planes 3 --force
 	$(VENV)/bin/atd-gguf inspect $(BUILD)/demo-atd3.gguf --summary
+	$(VENV)/bin/atd-gguf run $(BUILD)/demo-atd3.gguf --chat -n 32 -p "What is the capital of Germany?"
 
-test: fixtures llama-src
+test: fixtures llama
 	$(PY) -m pytest -q
 
 bench-fit: install

@@ -71,14 +71,12 @@ def run(model: Path, prompt: str, n_predict: int = 128, chat: bool = False, **op
         if proc.returncode < 0:
             detail = f"killed by signal {-proc.returncode}; {detail}"
         raise AtdError(f"llama-completion failed on {model} (exit {proc.returncode}): {detail}")
-    return clean_output(out, chat)
+    return clean_output(out)
 
 
-def clean_output(out: str, chat: bool) -> str:
-    text = out
-    for marker in ("[end of text]",):
-        text = text.replace(marker, "")
-    if chat:
-        # conversation mode prints a "> " input marker before exiting
-        text = "\n".join(line for line in text.splitlines() if line.strip() not in (">",))
-    return text.strip("\n")
+def clean_output(out: str) -> str:
+    """llama-completion's stdout minus its "[end of text]" marker (printed when the model stops)."""
+    text = out.rstrip()
+    if text.endswith("[end of text]"):
+        text = text[: -len("[end of text]")].rstrip()
+    return text.lstrip("\n")

@@ -1,0 +1,358 @@
+"""The ATD types inside llama.cpp (`make llama`: llama-patch/atd.patch + ggml-ext).
+
+Needs the patched build (build/llama.cpp-patched) and the stock one (build/llama.cpp-stock) from
+scripts/build_llama.py; without them every test here fails with "run `make llama` first".
+The small C tools in tests/llama_plugin/ are compiled against those builds per session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import gguf_types
+from converter.cli import main
+from converter.llama import permute_qk
+from test_convert import assert_one_line_error, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = Path(__file__).resolve().parent / "llama_plugin"
+PATCHED = ROOT / "build" / "llama.cpp-patched"
+STOCK = ROOT / "build" / "llama.cpp-stock"
+LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+THREADS = "2"
+PROMPTS = [  # next tokens that are clear (top-1 leads by > CLEAR_MARGIN) in the ATD3 model
+    "The capital of France is",
+    "def fibonacci(n):\n    if n <",
+    "import numpy as",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n2+2 =",
+]
+# ATD3 in llama.cpp vs transformers (fp32, the same dequantized weights): llama.cpp rounds the
+# activations of every matmul to q8_K (256-blocks) / q8_0 (64-blocks), so the logits carry
+# quantization noise. Measured on SmolLM2-135M, PROMPTS, every position (logit spread ~50):
+#   ATD3  max |dlogit| 2.29, mean 0.29; top-1 agreement 0.89   (stock types in the same harness:
+#   Q8_0  max 1.37, mean 0.21;  Q6_K --pure max 3.62, mean 0.35;  F16 max 0.04, mean 0.007)
+# A wrong plane, scale or block order gives mean errors of several units. docs/llama-plugin.md.
+MAX_ABS_DLOGIT = 4.0
+MEAN_ABS_DLOGIT = 0.5
+CLEAR_MARGIN = 1.5  # top-1 must agree wherever the reference's top-1 leads top-2 by this much
+
+
+def _build(kind: str) -> Path:
+    base = PATCHED if kind == "patched" else STOCK
+    bin_dir = base / "build" / "bin"
+    if not (bin_dir / "libllama.so").is_file():
+        pytest.fail(f"{bin_dir}/libllama.so missing: the {kind} llama.cpp is not built; run `make llama` first")
+    return base
+
+
+def _compile(kind: str, tool: str, out_dir: Path) -> Path:
+    base = _build(kind)
+    src = base / "src" if kind == "patched" else ROOT / "build" / "llama.cpp-src"
+    bin_dir = base / "build" / "bin"
+    exe = out_dir / f"{tool}-{kind}"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed to build the test tools"
+    subprocess.run([cc, "-O1", "-o", str(exe), str(TOOLS / f"{tool}.c"),
+                    f"-I{src / 'include'}", f"-I{src / 'ggml' / 'include'}",
+                    f"-L{bin_dir}", f"-Wl,-rpath,{bin_dir}", "-lllama", "-lggml", "-lggml-base"],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+@pytest.fixture(scope="session")
+def tools(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama_tools")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, tool: str) -> Path:
+        if (kind, tool) not in cache:
+            cache[(kind, tool)] = _compile(kind, tool, out)
+        return cache[(kind, tool)]
+
+    return get
+
+
+def _bin(name: str) -> Path:
+    path = _build("patched") / "build" / "bin" / name
+    if not path.is_file():
+        pytest.fail(f"{path} missing: run `make llama` first")
+    return path
+
+
+def _convert(model_dir: Path, out: Path, *args: str) -> Path:
+    result = CliRunner().invoke(main, ["convert", str(model_dir), "-o", str(out), "--no-progress", *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def plugin_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("llama_plugin")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16_gguf(smollm2_dir, plugin_dir):
+    return _convert(smollm2_dir, plugin_dir / "smollm2-f16.gguf", "--outtype", "f16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_gguf(smollm2_dir, plugin_dir):
+    return _convert(smollm2_dir, plugin_dir / "smollm2-f32.gguf", "--outtype", "f32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_atd3_gguf(smollm2_dir, plugin_dir):
+    return _convert(smollm2_dir, plugin_dir / "smollm2-atd3.gguf", "--planes", "3")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def _logits(exe: Path, model: Path, tokens: list[int], out: Path, n_vocab: int) -> np.ndarray:
+    proc = subprocess.run([str(exe), str(model), str(out), THREADS, *map(str, tokens)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.fromfile(out, dtype=np.float32).reshape(len(tokens), n_vocab)
+
+
+def _tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+# ---- a. stock behaviour intact -----------------------------------------------------------------
+
+def test_stock_model_gives_identical_logits(tools, smollm2_f16_gguf, tokenizer, tmp_path):
+    """An F16 model runs bit-identically in the stock and the patched llama.cpp."""
+    n_vocab = len(tokenizer)
+    for i, prompt in enumerate(PROMPTS):
+        tokens = tokenizer(prompt)["input_ids"]
+        stock = _logits(tools("stock", "atd_logits"), smollm2_f16_gguf, tokens, tmp_path / f"s{i}.f32", n_vocab)
+        patched = _logits(tools("patched", "atd_logits"), smollm2_f16_gguf, tokens, tmp_path / f"p{i}.f32", n_vocab)
+        assert np.isfinite(stock).all()
+        np.testing.assert_array_equal(patched, stock)
+
+
+# ---- b. tensors: ggml's dequantize == the Python reference ----------------------------------------
+
+def _synthetic_atd_gguf(path: Path, corrupt: str | None = None) -> dict[str, np.ndarray]:
+    """One small tensor of every ATD type (random Gaussian rows), fitted by the reference."""
+    rng = np.random.default_rng(7)
+    writer = gguf.GGUFWriter(path, "llama")
+    packed = {}
+    for t in gguf_types.ATD_TYPES:
+        cols = 3 * t.block_size
+        w = rng.standard_normal((5, cols)).astype(np.float32) * 0.02
+        w[1, : t.block_size] = 0.0  # an all-zero block
+        data = gguf_types.quantize(w, t)
+        if corrupt == t.name:
+            data = data.copy()
+            data[2, 2 * t.planes] |= 0x03  # trit code 3 in the first plane byte
+        packed[f"{t.name.lower()}.weight"] = data
+        writer.add_tensor(f"{t.name.lower()}.weight", data, raw_dtype=gguf_types.gguf_qtype(t))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return packed
+
+
+def _ggml_dequantize(tools, model: Path, out_dir: Path) -> dict[str, tuple[list[str], np.ndarray]]:
+    out_dir.mkdir(exist_ok=True)
+    proc = subprocess.run([str(tools("patched", "atd_dequant")), str(model), str(out_dir)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = {}
+    for line in proc.stdout.splitlines():
+        name, *info = line.split()
+        result[name] = (info, np.fromfile(out_dir / f"{name}.f32", dtype=np.float32))
+    return result
+
+
+def _check_dequantized(path: Path, ggml: dict) -> set[str]:
+    seen = set()
+    for name, tensor in _tensors(path).items():
+        if int(tensor.tensor_type) < 200:  # ATD ids are 200..207
+            continue
+        t = gguf_types.atd_type(int(tensor.tensor_type))
+        info, values = ggml[name]
+        type_name, blck, tsize, n, valid = info
+        assert (type_name, int(blck), int(tsize)) == (t.name.lower(), t.block_size, t.type_size)
+        assert int(n) == tensor.n_elements and valid == "1", (name, info)
+        ref = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)
+        assert ref.dtype == np.float32
+        # bit for bit (-0.0 vs +0.0 and NaN patterns included)
+        np.testing.assert_array_equal(values.view(np.uint32), ref.view(np.uint32), err_msg=name)
+        seen.add(t.name)
+    return seen
+
+
+def test_ggml_dequantize_equals_reference_all_types(tools, tmp_path):
+    path = tmp_path / "all-types.gguf"
+    _synthetic_atd_gguf(path)
+    seen = _check_dequantized(path, _ggml_dequantize(tools, path, tmp_path / "out"))
+    assert seen == {t.name for t in gguf_types.ATD_TYPES}
+
+
+def test_ggml_dequantize_equals_reference_model(tools, smollm2_atd3_gguf, tmp_path):
+    seen = _check_dequantized(smollm2_atd3_gguf, _ggml_dequantize(tools, smollm2_atd3_gguf, tmp_path / "out"))
+    assert seen == {"ATD3", "ATD3_64"}  # 576-wide rows use 64-blocks, ffn_down (1536) 256-blocks
+
+
+def test_ggml_validate_rejects_trit_code_3(tools, tmp_path):
+    path = tmp_path / "bad.gguf"
+    _synthetic_atd_gguf(path, corrupt="ATD2_64")
+    ggml = _ggml_dequantize(tools, path, tmp_path / "out")
+    assert {name: info[4] for name, (info, _) in ggml.items()} == {
+        f"{t.name.lower()}.weight": "0" if t.name == "ATD2_64" else "1" for t in gguf_types.ATD_TYPES}
+
+
+# ---- c. model: ATD3 in llama.cpp vs transformers on the dequantized weights ----------------------
+
+def _hf_model_with_gguf_weights(model_dir: Path, gguf_path: Path):
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model.eval()
+    tensors = _tensors(gguf_path)
+
+    def weight(name: str) -> np.ndarray:
+        t = tensors[name]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(
+            [int(d) for d in reversed(t.shape)])
+
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+
+    def unpermute(w: np.ndarray, heads: int) -> np.ndarray:  # inverse of converter.llama.permute_qk
+        out = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        assert np.array_equal(permute_qk(out, heads), w)
+        return out
+
+    hf_name = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+    state = {"model.embed_tokens.weight": weight("token_embd.weight")}
+    if "output.weight" in tensors:
+        state["lm_head.weight"] = weight("output.weight")
+    for i in range(config.num_hidden_layers):
+        for short, long in hf_name.items():
+            w = weight(f"blk.{i}.{short}.weight")
+            if short == "attn_q":
+                w = unpermute(w, n_head)
+            elif short == "attn_k":
+                w = unpermute(w, n_kv)
+            state[f"model.layers.{i}.{long}.weight"] = w
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in state.items():
+            assert params[name].shape == value.shape, name
+            params[name].copy_(torch.from_numpy(value))
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model
+
+
+def test_atd3_logits_match_transformers(tools, smollm2_dir, smollm2_atd3_gguf, tokenizer, tmp_path):
+    import torch
+
+    model = _hf_model_with_gguf_weights(smollm2_dir, smollm2_atd3_gguf)
+    n_vocab = len(tokenizer)
+    diffs, agree = [], []
+    for i, prompt in enumerate(PROMPTS):
+        tokens = tokenizer(prompt)["input_ids"]
+        ours = _logits(tools("patched", "atd_logits"), smollm2_atd3_gguf, tokens, tmp_path / f"{i}.f32", n_vocab)
+        with torch.no_grad():
+            ref = model(torch.tensor([tokens])).logits[0, :, :n_vocab].numpy()
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > CLEAR_MARGIN
+        assert clear[-1], f"{prompt!r}: pick a prompt whose next token is clear"
+        np.testing.assert_array_equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear], err_msg=prompt)
+        agree.append(ours.argmax(-1) == ref.argmax(-1))
+        diffs.append(np.abs(ours - ref).reshape(-1))
+    d = np.concatenate(diffs)
+    print(f"ATD3 llama.cpp vs transformers: max |dlogit| {d.max():.4f}, mean {d.mean():.4f}, "
+          f"top-1 agreement {np.concatenate(agree).mean():.3f}")
+    assert np.concatenate(agree).mean() >= 0.8
+    assert d.max() < MAX_ABS_DLOGIT and d.mean() < MEAN_ABS_DLOGIT
+
+
+# ---- d. Python-free quantization: llama-quantize F32 -> ATD3 == atd-gguf convert --planes 3 -------
+
+def test_llama_quantize_matches_converter(smollm2_f32_gguf, smollm2_atd3_gguf, tmp_path):
+    out = tmp_path / "smollm2-atd3-llama-quantize.gguf"
+    proc = subprocess.run([str(_bin("llama-quantize")), str(smollm2_f32_gguf), str(out), "ATD3", THREADS],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ours, ref = _tensors(out), _tensors(smollm2_atd3_gguf)
+    assert set(ours) == set(ref)
+    n_linear = 0
+    for name, t in ref.items():
+        assert ours[name].tensor_type == t.tensor_type, name  # same type policy, embeddings included
+        if name.split(".")[-2] in LINEAR:
+            assert bytes(ours[name].data) == bytes(t.data), name
+            n_linear += 1
+    assert n_linear == 7 * 30
+    field = gguf.GGUFReader(out).get_field("general.file_type")
+    assert int(field.parts[field.data[0]][0]) == 202
+
+
+# ---- e. bad input ------------------------------------------------------------------------------
+
+def test_stock_rejects_atd(tools, smollm2_atd3_gguf, tmp_path):
+    proc = subprocess.run([str(tools("stock", "atd_logits")), str(smollm2_atd3_gguf), str(tmp_path / "x"), THREADS, "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode > 0
+    assert "invalid ggml type 20" in proc.stderr  # "tensor 'blk.0.attn_q.weight' has invalid ggml type 206"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.01])
+def test_truncated_atd_file_fails_cleanly(tools, smollm2_atd3_gguf, tmp_path, keep):
+    bad = tmp_path / "truncated.gguf"
+    data = smollm2_atd3_gguf.read_bytes()
+    bad.write_bytes(data[: int(len(data) * keep)])
+    proc = subprocess.run([str(tools("patched", "atd_logits")), str(bad), str(tmp_path / "x"), THREADS, "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode > 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"  # > 0: no signal
+    assert "failed to load" in proc.stderr
+    proc = subprocess.run([str(_bin("llama-completion")), "-m", str(bad), "-p", "hi", "-n", "1", "-no-cnv"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode > 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+
+
+def test_run_missing_model_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("run", tmp_path / "nope.gguf", "-p", "hi"), "nope.gguf")
+
+
+def test_run_without_build_is_one_line(tmp_path, smollm2_f16_gguf, monkeypatch):
+    monkeypatch.setenv("ATD_LLAMA_BIN_DIR", str(tmp_path))
+    assert_one_line_error(run_cli("run", smollm2_f16_gguf, "-p", "hi"), "make llama")
+
+
+# ---- atd-gguf run ------------------------------------------------------------------------------
+
+def test_run_answers_a_question(smollm2_atd3_gguf):
+    _bin("llama-completion")
+    # (ATD3 of this Q4_1-derived SmolLM2 says "London" for France, in transformers too)
+    result = run_cli("run", smollm2_atd3_gguf, "-p", "What is the capital of Germany?", "-n", "24", "--chat")
+    assert result.exit_code == 0, result.output
+    assert "Berlin" in result.stdout, result.stdout
+
+
+def test_run_plain_completion(smollm2_atd3_gguf):
+    _bin("llama-completion")
+    result = run_cli("run", smollm2_atd3_gguf, "-p", "The capital of France is", "-n", "8")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip(), result.output
