@@ -9,11 +9,12 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: install fixtures llama-src llama demo test bench-fit bench-convert clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard ggml-ext/*.c ggml-ext/*.h ggml-ext/build_ffi.py)
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard ggml-ext/*.c ggml-ext/*.h ggml-ext/build_ffi.py)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# the local CPU wheel: any other torch spec pulls GBs of CUDA packages
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[reference,test]"
+	# constraints.txt: the versions the tests last passed with, so a fresh install matches CI
+	$(PY) -m pip install -q -c constraints.txt -e ".[reference,test]"
 	touch $@
 
 install: $(STAMP)

@@ -157,6 +157,36 @@ def modelfile(gguf_file: Path, output: Path | None, system: str | None, params: 
 
 @main.command()
 @click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--stock", is_flag=True, help="Rewrite the ATD tensors as a stock ggml type (the only export).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+@click.option("--type", "export_type", type=click.Choice(["q8_0", "f16"]), default="q8_0", show_default=True,
+              help="Stock type of the rewritten tensors (f16 keeps the ATD values to fp16 precision).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def export(gguf_file: Path, stock: bool, output: Path, export_type: str, force: bool, no_progress: bool) -> None:
+    """Write a copy of GGUF_FILE that stock llama.cpp and Ollama load: every ATD tensor is
+    reconstructed (sum of its scaled ternary planes) and re-encoded as Q8_0 or F16; the other
+    tensors and the metadata are copied. The file grows to the stock type's size.
+
+    \b
+    Examples:
+      atd-gguf export --stock smollm2-atd3.gguf -o smollm2-atd3-q8_0.gguf
+      atd-gguf export --stock llama-atd2.gguf -o llama-atd2-f16.gguf --type f16
+      atd-gguf modelfile smollm2-atd3-q8_0.gguf && ollama create smollm2-atd3 -f smollm2-atd3-q8_0.Modelfile
+    """
+    from .export import export_stock
+
+    if not stock:
+        raise click.UsageError("export needs --stock (a stock-typed copy is the only export)")
+    start = time.perf_counter()
+    result = export_stock(gguf_file, output, export_type, force=force, progress=not no_progress)
+    click.echo(f"wrote {result.path}: {result.n_rewritten} of {result.n_tensors} tensors rewritten as "
+               f"{export_type.upper()}, {result.n_bytes / 2**20:.1f} MiB of tensor data "
+               f"({8 * result.n_bytes / result.n_params:.3f} bpw) in {time.perf_counter() - start:.1f} s")
+
+
+@main.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.option("--repo", required=True, metavar="NAMESPACE/NAME", help="Hub model repo to create or update.")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
 @click.option("--dry-run", is_flag=True, help="Show the files and the model card; contact nobody.")

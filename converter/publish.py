@@ -124,6 +124,13 @@ def build_model_card(summary: FileSummary, *, repo_id: str, base_model: str | No
                     "each weight block is a sum of ternary planes {-1, 0, +1} with one fp16 scale per plane, "
                     f"as the custom GGUF tensor types {', '.join(atd_types)} (ggml type ids 200–207)"
                     + (f"; {details}." if details else "."))
+    exported_as = summary.metadata.get("atd.exported_as")
+    if not atd_types and isinstance(exported_as, str):
+        planes = summary.metadata.get("atd.planes")
+        body.append("")
+        body.append(f"Its attention and feed-forward weights are the reconstruction of an ATD{planes or ''} model "
+                    f"(Adaptive Ternary Decomposition: sums of ternary planes), re-encoded as "
+                    f"{exported_as.split()[0].upper()} by `atd-gguf export --stock` so that stock runtimes load it.")
     body += ["", "## Size", "", "| type | tensors | weights | bytes | bits/weight |", "|---|---:|---:|---:|---:|"]
     for qtype, (n, params, nbytes) in sorted(summary.type_totals().items(), key=lambda kv: -kv[1][2]):
         body.append(f"| {qtype} | {n} | {params:,} | {nbytes:,} | {8 * nbytes / params:.3f} |")
@@ -140,7 +147,7 @@ def build_model_card(summary: FileSummary, *, repo_id: str, base_model: str | No
     if atd_types:
         body += [("Stock llama.cpp does not know the ATD tensor types. Build the patched llama.cpp from the "
                   "atd-gguf repository (`make llama`) and run:"), ""]
-        cli = "build/llama.cpp/bin/llama-cli"
+        cli = "build/llama.cpp-patched/build/bin/llama-cli"
     else:
         body += ["Any recent llama.cpp build:", ""]
         cli = "llama-cli"
@@ -234,11 +241,20 @@ def resolve_token(token: str | None = None) -> str:
     return found
 
 
+def _hub_transport():
+    """The HTTP client module huggingface_hub is built on: httpx (1.x) or httpx2 (2.x)."""
+    import importlib
+
+    from huggingface_hub.errors import HTTPError
+
+    return importlib.import_module(HTTPError.__module__.split(".")[0])
+
+
 def _hub_error(e: Exception, endpoint: str, repo_id: str) -> AtdError:
     """One clear line for network and HTTP failures (never containing the token)."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError
 
+    httpx = _hub_transport()
     if isinstance(e, httpx.TransportError):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "refused" in reason.lower():
@@ -264,9 +280,10 @@ def _hub_error(e: Exception, endpoint: str, repo_id: str) -> AtdError:
 def publish(plan: PublishPlan, *, endpoint: str | None = None, token: str | None = None,
             commit_message: str | None = None) -> PublishResult:
     """Create the repo (exist_ok) and upload every file of the plan in one commit."""
-    import httpx
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
+
+    transport_error = _hub_transport().TransportError
 
     token = resolve_token(token)
     api = HfApi(endpoint=endpoint, token=token, library_name="atd-gguf", library_version=__version__)
@@ -279,7 +296,7 @@ def publish(plan: PublishPlan, *, endpoint: str | None = None, token: str | None
         repo_url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
         info = api.create_commit(plan.repo_id, operations, repo_type="model",
                                  commit_message=commit_message or f"Upload {plan.gguf.name} (atd-gguf {__version__})")
-    except (httpx.TransportError, HfHubHTTPError) as e:
+    except (transport_error, HfHubHTTPError) as e:
         raise _hub_error(e, where, plan.repo_id) from None
     return PublishResult(plan, str(repo_url), info.commit_url, info.oid, user,
                          tuple(f.path_in_repo for f in plan.files))

@@ -309,6 +309,92 @@ def test_llama_quantize_matches_converter(smollm2_f32_gguf, smollm2_atd3_gguf, t
     assert int(field.parts[field.data[0]][0]) == 202
 
 
+# ---- f. `atd-gguf export --stock`: stock llama.cpp loads the export, its logits match --------------
+
+# Measured on SmolLM2-135M ATD3, PROMPTS, every position: the export in stock llama.cpp vs the ATD
+# file in the patched one: Q8_0 max |dlogit| 2.32, mean 0.32, top-1 0.87; F16 max 2.48, mean 0.29,
+# top-1 0.90 (the patched runtime's q8_K/q8_0 activations, as in c.). The F16 export vs transformers
+# on the ATD weights: max 0.43, mean 0.055 (the Q8_0 output matmul's q8_0 activations); a wrong plane
+# or scale gives mean errors of several units.
+F16_EXPORT_MEAN_ABS_DLOGIT = 0.1
+
+
+@pytest.fixture(scope="session")
+def smollm2_atd3_exports(smollm2_atd3_gguf, plugin_dir):
+    out = {}
+    for export_type in ("q8_0", "f16"):
+        path = plugin_dir / f"smollm2-atd3-{export_type}.gguf"
+        result = run_cli("export", "--stock", smollm2_atd3_gguf, "-o", path, "--type", export_type, "--no-progress")
+        assert result.exit_code == 0, result.output
+        out[export_type] = path
+    return out
+
+
+@pytest.mark.parametrize("export_type", ["q8_0", "f16"])
+def test_stock_export_matches_patched(tools, smollm2_atd3_gguf, smollm2_atd3_exports, tokenizer, tmp_path,
+                                      export_type):
+    export = smollm2_atd3_exports[export_type]
+    assert {int(t.tensor_type) for t in _tensors(export).values()} <= {int(gguf.GGMLQuantizationType.F32),
+                                                                        int(gguf.GGMLQuantizationType.F16),
+                                                                        int(gguf.GGMLQuantizationType.Q8_0)}
+    n_vocab = len(tokenizer)
+    diffs, agree = [], []
+    for i, prompt in enumerate(PROMPTS):
+        tokens = tokenizer(prompt)["input_ids"]
+        stock = _logits(tools("stock", "atd_logits"), export, tokens, tmp_path / f"s{i}.f32", n_vocab)
+        atd = _logits(tools("patched", "atd_logits"), smollm2_atd3_gguf, tokens, tmp_path / f"a{i}.f32", n_vocab)
+        top2 = np.sort(atd, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > CLEAR_MARGIN
+        assert clear[-1], f"{prompt!r}: pick a prompt whose next token is clear"
+        np.testing.assert_array_equal(stock.argmax(-1)[clear], atd.argmax(-1)[clear], err_msg=prompt)
+        agree.append(stock.argmax(-1) == atd.argmax(-1))
+        diffs.append(np.abs(stock - atd).reshape(-1))
+    d = np.concatenate(diffs)
+    print(f"{export_type} export (stock) vs ATD3 (patched): max |dlogit| {d.max():.4f}, mean {d.mean():.4f}, "
+          f"top-1 agreement {np.concatenate(agree).mean():.3f}")
+    assert np.concatenate(agree).mean() >= 0.8
+    assert d.max() < MAX_ABS_DLOGIT and d.mean() < MEAN_ABS_DLOGIT
+
+
+def test_f16_export_carries_the_atd_weights(tools, smollm2_dir, smollm2_atd3_gguf, smollm2_atd3_exports,
+                                            tokenizer, tmp_path):
+    """Stock llama.cpp on the F16 export == transformers on the ATD file's dequantized weights."""
+    import torch
+
+    model = _hf_model_with_gguf_weights(smollm2_dir, smollm2_atd3_gguf)
+    n_vocab = len(tokenizer)
+    diffs = []
+    for i, prompt in enumerate(PROMPTS):
+        tokens = tokenizer(prompt)["input_ids"]
+        stock = _logits(tools("stock", "atd_logits"), smollm2_atd3_exports["f16"], tokens, tmp_path / f"{i}.f32",
+                        n_vocab)
+        with torch.no_grad():
+            ref = model(torch.tensor([tokens])).logits[0, :, :n_vocab].numpy()
+        np.testing.assert_array_equal(stock.argmax(-1)[-1], ref.argmax(-1)[-1], err_msg=prompt)
+        diffs.append(np.abs(stock - ref).reshape(-1))
+    d = np.concatenate(diffs)
+    print(f"F16 export (stock) vs transformers: max |dlogit| {d.max():.4f}, mean {d.mean():.4f}")
+    assert d.mean() < F16_EXPORT_MEAN_ABS_DLOGIT
+
+
+def test_stock_loads_llama3_export(tools, llama3_dir, plugin_dir, tmp_path):
+    """The Llama-3 layout (untied output, GQA, rope_freqs, 128k vocab) too: logits of the ATD2 file
+    (patched) and of its Q8_0 export (stock) agree."""
+    atd = _convert(llama3_dir, plugin_dir / "llama3-atd2.gguf", "--planes", "2")
+    export = plugin_dir / "llama3-atd2-q8_0.gguf"
+    result = run_cli("export", "--stock", atd, "-o", export, "--no-progress")
+    assert result.exit_code == 0, result.output
+    tokens = [128000, 791, 6864, 315, 9822, 374]  # <|begin_of_text|>The capital of France is
+    n_vocab = 128256
+    stock = _logits(tools("stock", "atd_logits"), export, tokens, tmp_path / "s.f32", n_vocab)
+    patched = _logits(tools("patched", "atd_logits"), atd, tokens, tmp_path / "p.f32", n_vocab)
+    assert np.isfinite(stock).all()
+    spread = patched.std()
+    rel = np.abs(stock - patched).mean() / spread
+    print(f"llama3-tiny ATD2: mean |dlogit| / logit std {rel:.4f}")
+    assert rel < 0.1
+
+
 # ---- e. bad input ------------------------------------------------------------------------------
 
 def test_stock_rejects_atd(tools, smollm2_atd3_gguf, tmp_path):

@@ -1,0 +1,144 @@
+"""ATD GGUF -> stock-typed GGUF (`atd-gguf export --stock`), for runtimes without the ATD types.
+
+Every ATD tensor is reconstructed (sum of alpha_i * T_i, exactly as ggml's dequantize does) and
+re-encoded as Q8_0 or F16; all other tensors and every metadata key are copied unchanged, except
+general.file_type. Streams one tensor at a time into a temp file that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType
+
+import gguf_types
+
+from . import __version__
+from .errors import AtdError
+from .fsutil import atomic_output, check_output_path
+from .inspect_gguf import read_gguf
+
+EXPORT_TYPES: dict[str, tuple[QT, LlamaFileType]] = {
+    "q8_0": (QT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "f16": (QT.F16, LlamaFileType.MOSTLY_F16),
+}
+# provenance: the stock type the ATD tensors were rewritten as (the atd.* keys of the source stay)
+EXPORTED_AS_KEY = "atd.exported_as"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    n_tensors: int
+    n_rewritten: int
+    n_params: int
+    n_bytes: int
+
+
+def is_atd(qtype: int) -> bool:
+    return any(int(qtype) == t.ggml_type for t in gguf_types.ATD_TYPES)
+
+
+def reconstruct(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """float32 values of an ATD tensor, shape (rows, cols); AtdError on invalid packed data."""
+    atype = gguf_types.atd_type(int(tensor.tensor_type))
+    rows = np.asarray(tensor.data, dtype=np.uint8)
+    try:
+        if gguf_types.native_available():
+            from gguf_types import _native
+
+            if not _native.validate_rows(rows, atype):
+                raise ValueError("invalid trit code 3 or non-finite scale")
+            values = _native.dequantize_rows(rows, atype)
+        else:
+            values = gguf_types.dequantize(rows, atype)
+    except ValueError as e:
+        raise AtdError(f"tensor {tensor.name}: invalid {atype.name} data ({e})") from None
+    if not np.isfinite(values).all():
+        raise AtdError(f"tensor {tensor.name}: its {atype.name} reconstruction has NaN or Inf values")
+    return values.reshape([int(d) for d in reversed(tensor.shape)])
+
+
+def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type: int, export_type: str) -> None:
+    for field in reader.fields.values():
+        # GGUF.* are the reader's virtual fields; the writer adds general.architecture itself
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        value = file_type if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
+    if gguf.Keys.General.FILE_TYPE not in reader.fields:
+        writer.add_file_type(file_type)
+    writer.add_string(EXPORTED_AS_KEY, f"{export_type} (atd-gguf {__version__} export --stock)")
+
+
+def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_0", *,
+                 force: bool = False, progress: bool = True) -> ExportResult:
+    """Write `output`: `source` with every ATD tensor rewritten as `export_type` (q8_0 or f16)."""
+    if export_type not in EXPORT_TYPES:
+        raise AtdError(f"--type must be one of {', '.join(EXPORT_TYPES)}, got {export_type!r}")
+    source, output = Path(source), Path(output)
+    check_output_path(output, force)
+    if output.exists() and output.resolve() == source.resolve():
+        raise AtdError(f"{output} is the input file; choose another output")
+    reader = read_gguf(source)
+    atd_names = [t.name for t in reader.tensors if is_atd(t.tensor_type)]
+    if not atd_names:
+        raise AtdError(f"{source} has no ATD tensors: stock llama.cpp and Ollama load it as it is")
+    arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    if arch_field is None:
+        raise AtdError(f"{source}: no general.architecture in the metadata")
+    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    qtype, file_type = EXPORT_TYPES[export_type]
+
+    writer = gguf.GGUFWriter(path=None, arch=str(arch_field.contents()))
+    if alignment is not None:
+        writer.data_alignment = int(alignment.contents())
+    plan: list[tuple[gguf.ReaderTensor, QT]] = []
+    for tensor in reader.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        if is_atd(tensor.tensor_type):
+            # ATD rows are whole 64/256-blocks, so they always fill Q8_0's 32-blocks
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+            plan.append((tensor, qtype))
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        else:
+            plan.append((tensor, tensor.tensor_type))
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), int(tensor.n_bytes),
+                                   raw_dtype=tensor.tensor_type)
+    _copy_metadata(reader, writer, int(file_type), export_type)
+
+    n_params = n_bytes = 0
+    with atomic_output(output, force) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            from tqdm import tqdm
+
+            with tqdm(total=sum(int(t.n_elements) for t, _ in plan), unit="w", unit_scale=True,
+                      disable=None if progress else True, desc="exporting", leave=False) as bar:
+                for tensor, out_type in plan:
+                    bar.set_postfix_str(tensor.name, refresh=False)
+                    if is_atd(tensor.tensor_type):
+                        data = gguf.quants.quantize(reconstruct(tensor), out_type)
+                    else:
+                        data = np.asarray(tensor.data)
+                    data = np.ascontiguousarray(data)
+                    writer.write_tensor_data(data)
+                    n_params += int(tensor.n_elements)
+                    n_bytes += data.nbytes
+                    bar.update(int(tensor.n_elements))
+                    del data
+        finally:
+            writer.close()
+    return ExportResult(output, len(plan), len(atd_names), n_params, n_bytes)
+
+
+__all__ = ["EXPORT_TYPES", "EXPORTED_AS_KEY", "ExportResult", "export_stock", "is_atd", "reconstruct"]

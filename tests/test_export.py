@@ -1,0 +1,212 @@
+"""`atd-gguf export --stock`: ATD tensors rewritten as Q8_0/F16 from their reconstruction.
+
+The file-level checks here need no llama.cpp; stock llama.cpp loading the export and its logits
+are in test_llama_plugin.py (section f).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from test_convert import assert_no_output, assert_one_line_error, run_cli
+from test_modelfile import write_tiny_gguf
+
+import gguf_types
+
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def write_atd_gguf(path: Path, *, alignment: int | None = None) -> dict[str, np.ndarray]:
+    """Every ATD type (fitted Gaussian rows, one all-zero block), an F32 norm, a Q8_0 embedding, and
+    metadata of every value kind. Returns the float32 weights the ATD tensors were fitted to."""
+    rng = np.random.default_rng(11)
+    writer = gguf.GGUFWriter(path, "llama")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
+    writer.add_name("Export Test")
+    writer.add_file_type(202)
+    writer.add_block_count(1)
+    writer.add_float32("llama.rope.freq_base", 500000.0)
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "b", "Ġc"])
+    writer.add_array("tokenizer.ggml.token_type", [3, 1, 1, 1])
+    writer.add_array("tokenizer.ggml.scores", [0.0, -1.5, -2.5, -3.5])
+    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_string("atd.method", "grid")
+    writer.add_tensor("output_norm.weight", np.linspace(-1, 1, 64, dtype=np.float32))
+    embed = rng.standard_normal((6, 64)).astype(np.float32)
+    writer.add_tensor("token_embd.weight", gguf.quants.quantize(embed, QT.Q8_0), raw_dtype=QT.Q8_0)
+    weights = {}
+    for t in gguf_types.ATD_TYPES:
+        w = rng.standard_normal((3, 2 * t.block_size)).astype(np.float32) * 0.02
+        w[1, : t.block_size] = 0.0
+        name = f"blk.0.{t.name.lower()}.weight"
+        weights[name] = w
+        writer.add_tensor(name, gguf_types.quantize(w, t), raw_dtype=gguf_types.gguf_qtype(t))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return weights
+
+
+def export(src: Path, out: Path, *args: str):
+    return run_cli("export", "--stock", src, "-o", out, "--no-progress", *args)
+
+
+def planes_sum(data: np.ndarray, name: str) -> np.ndarray:
+    """Closed form: sum_i alpha_i * T_i per block, in float64, from the unpacked trits and scales."""
+    atype = gguf_types.atd_type(name)
+    trits, scales = gguf_types.unpack_blocks(np.asarray(data, dtype=np.uint8).reshape(-1, atype.type_size), atype)
+    blocks = np.einsum("bn,bnk->bk", scales.astype(np.float64), trits.astype(np.float64))
+    return blocks.reshape(data.shape[0], -1)
+
+
+def fields(path: Path) -> dict[str, object]:
+    reader = gguf.GGUFReader(path)
+    return {k: (f.types, f.contents()) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("export_type", ["q8_0", "f16"])
+def test_export_rewrites_only_atd(tmp_path, export_type):
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    write_atd_gguf(src)
+    result = export(src, out, "--type", export_type)
+    assert result.exit_code == 0, result.output
+    assert f"{len(gguf_types.ATD_TYPES)} of {len(gguf_types.ATD_TYPES) + 2} tensors rewritten" in result.stdout
+
+    before = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    after = gguf.GGUFReader(out).tensors
+    assert [t.name for t in after] == list(before)  # same order
+    qtype = QT.Q8_0 if export_type == "q8_0" else QT.F16
+    for t in after:
+        old = before[t.name]
+        assert list(t.shape) == list(old.shape), t.name
+        if int(old.tensor_type) < gguf_types.ATD_TYPE_ID_BASE:
+            assert t.tensor_type == old.tensor_type and bytes(t.data) == bytes(old.data), t.name
+            continue
+        assert t.tensor_type == qtype, t.name
+        exact = planes_sum(old.data, gguf_types.atd_type(int(old.tensor_type)).name)
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(exact.shape).astype(np.float64)
+        if qtype == QT.F16:
+            np.testing.assert_array_equal(got, exact.astype(np.float16).astype(np.float64), err_msg=t.name)
+        else:
+            # Q8_0: q = round(x / d), d = amax/127 per 32-block, stored as fp16 (relative error <= 2^-11),
+            # so |q * fp16(d) - x| <= d/2 + 127 * d * 2^-11
+            blocks = exact.reshape(-1, 32)
+            d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+            err = np.abs(got.reshape(-1, 32) - blocks)
+            assert (err <= d * (0.5 + 127 * 2.0**-11) * (1 + 1e-6)).all(), t.name
+            assert np.count_nonzero(got) == np.count_nonzero(exact), t.name  # zero blocks stay zero
+
+
+def test_export_keeps_metadata(tmp_path):
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    write_atd_gguf(src)
+    assert export(src, out).exit_code == 0
+    old, new = fields(src), fields(out)
+    changed = {k for k in old if old[k] != new.get(k)}
+    assert changed == {"general.file_type"}
+    assert new["general.file_type"][1] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert set(new) - set(old) == {"atd.exported_as"}
+    assert new["atd.exported_as"][1].startswith("q8_0 ")
+
+
+def test_export_keeps_alignment(tmp_path):
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    write_atd_gguf(src, alignment=64)
+    assert export(src, out, "--type", "f16").exit_code == 0
+    reader = gguf.GGUFReader(out)
+    assert reader.alignment == 64
+    assert all(t.data_offset % 64 == 0 for t in reader.tensors)
+
+
+def test_help_has_an_example():
+    result = run_cli("export", "--help")
+    assert result.exit_code == 0 and "atd-gguf export --stock" in result.output and "--type" in result.output
+
+
+# ---- bad input: one line, non-zero exit, no output file -------------------------------------------
+
+def test_needs_stock_flag(tmp_path):
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    write_atd_gguf(src)
+    result = run_cli("export", src, "-o", out)
+    assert result.exit_code == 2 and "--stock" in result.output
+    assert_no_output(out)
+
+
+def test_missing_input(tmp_path):
+    out = tmp_path / "out.gguf"
+    assert_one_line_error(export(tmp_path / "nope.gguf", out), "nope.gguf", "no such file")
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("keep", [0.6, 0.02])
+def test_truncated_input(tmp_path, keep):
+    src, bad, out = tmp_path / "in.gguf", tmp_path / "bad.gguf", tmp_path / "out.gguf"
+    write_atd_gguf(src)
+    data = src.read_bytes()
+    bad.write_bytes(data[: int(len(data) * keep)])
+    assert_one_line_error(export(bad, out), "bad.gguf")
+    assert_no_output(out)
+
+
+def test_not_a_gguf(tmp_path):
+    src, out = tmp_path / "junk.gguf", tmp_path / "out.gguf"
+    src.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)
+    assert_one_line_error(export(src, out), "junk.gguf", "not a readable GGUF")
+    assert_no_output(out)
+
+
+def test_invalid_atd_data(tmp_path):
+    src, out = tmp_path / "random.gguf", tmp_path / "out.gguf"
+    write_tiny_gguf(src)  # its ATD2 tensor is random bytes: trit code 3 appears
+    assert_one_line_error(export(src, out), "blk.0.attn_q.weight", "invalid ATD2 data")
+    assert_no_output(out)
+
+
+def test_no_atd_tensors(tmp_path):
+    src, out = tmp_path / "stock.gguf", tmp_path / "out.gguf"
+    write_tiny_gguf(src, atd=False)
+    assert_one_line_error(export(src, out), "no ATD tensors")
+    assert_no_output(out)
+
+
+def test_existing_output(tmp_path):
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    write_atd_gguf(src)
+    out.write_bytes(b"keep me")
+    assert_one_line_error(export(src, out), "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    assert export(src, out, "--force").exit_code == 0
+    assert gguf.GGUFReader(out).tensors
+
+
+def test_output_is_input(tmp_path):
+    src = tmp_path / "in.gguf"
+    write_atd_gguf(src)
+    before = src.read_bytes()
+    assert_one_line_error(export(src, src, "--force"), "is the input file")
+    assert src.read_bytes() == before
+
+
+def test_exported_file_is_stock_for_modelfile_and_card(tmp_path):
+    """modelfile and publish see a stock file (no ATD warning) whose card names its ATD origin."""
+    from converter.inspect_gguf import inspect_file
+    from converter.modelfile import build_modelfile
+    from converter.publish import build_model_card
+
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    write_atd_gguf(src)
+    assert build_modelfile(src).atd_types  # the source warns
+    assert export(src, out).exit_code == 0
+    result = build_modelfile(out)
+    assert not result.atd_types and not any("ATD" in w for w in result.warnings)
+    card = build_model_card(inspect_file(out), repo_id="me/x")
+    assert "re-encoded as Q8_0 by `atd-gguf export --stock`" in card
+    assert "Any recent llama.cpp build" in card and "Stock Ollama cannot load" not in card
