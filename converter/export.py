@@ -87,6 +87,8 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
     if output.exists() and output.resolve() == source.resolve():
         raise AtdError(f"{output} is the input file; choose another output")
     reader = read_gguf(source)
+    if reader.endianess != gguf.GGUFEndian.LITTLE:
+        raise AtdError(f"{source} is a big-endian GGUF; ATD files are little-endian")
     atd_names = [t.name for t in reader.tensors if is_atd(t.tensor_type)]
     if not atd_names:
         raise AtdError(f"{source} has no ATD tensors: stock llama.cpp and Ollama load it as it is")

@@ -11,10 +11,14 @@
 //   - standalone (cffi extension gguf_types._atd_c): the ggml types below are declared here
 //     with ggml's layout;
 //   - inside ggml-cpu (patched llama.cpp, ATD_IN_GGML defined): they come from ggml-common.h.
+// ggml-ext/build_ffi.py runs this header through the C preprocessor with ATD_CFFI_CDEF defined:
+// the expanded declarations are the cffi cdef, so the layout is written down only here.
 #pragma once
 
+#ifndef ATD_CFFI_CDEF
 #include <stddef.h>
 #include <stdint.h>
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -60,7 +64,9 @@ typedef ATD_BLOCK(4, QK_ATD_64) block_atd4_64;
 // bytes of one block: N fp16 scales + N planes of B/4 bytes (the formula gguf_types uses)
 #define ATD_TYPE_SIZE(N, B) ((N) * (sizeof(ggml_half) + (B) / 4))
 
-#if defined(__cplusplus)
+#if defined(ATD_CFFI_CDEF)
+#define ATD_STATIC_ASSERT(cond, msg)  // cffi's parser has no static asserts
+#elif defined(__cplusplus)
 #define ATD_STATIC_ASSERT static_assert
 #else
 #define ATD_STATIC_ASSERT _Static_assert
