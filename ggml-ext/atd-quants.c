@@ -468,7 +468,7 @@ static void atd_sort_lane(atd_group * g, int l, int B) {
         const uint8_t * wi_ = (g)->wi[l];                                            \
         int r_ = 0;                                                                  \
         for (int k_ = 0; k_ < (L); ++k_) {                                           \
-            const double m_ = k_ < (L) - 1 ? (lv)->mid[k_] : INFINITY;               \
+            const double m_ = k_ < (L) - 1 ? (lv)->mid[k_] : (double)INFINITY;       \
             const int c_ = (lv)->order[k_];                                          \
             while (r_ < (B) && ws_[r_] <= m_) { const int j_ = wi_[r_++]; EMIT(j_, c_); } \
         }                                                                            \

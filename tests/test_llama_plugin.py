@@ -395,6 +395,30 @@ def test_stock_loads_llama3_export(tools, llama3_dir, plugin_dir, tmp_path):
     assert rel < 0.1
 
 
+def test_llama_quantize_imatrix_matches_converter(smollm2_dir, smollm2_f32_gguf, smollm2_atd3_gguf, tmp_path):
+    """A real llama-imatrix file weights the fit the same way in llama-quantize and in convert --imatrix."""
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md"))),
+                    encoding="utf-8")
+    imatrix = tmp_path / "imatrix.gguf"
+    proc = subprocess.run([str(_bin("llama-imatrix")), "-m", str(smollm2_f32_gguf), "-f", str(text), "-o",
+                           str(imatrix), "-c", "128", "--chunks", "4", "-t", THREADS],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and imatrix.is_file(), proc.stderr[-2000:]
+    quantized = tmp_path / "llama-quantize.gguf"
+    proc = subprocess.run([str(_bin("llama-quantize")), "--imatrix", str(imatrix), str(smollm2_f32_gguf),
+                           str(quantized), "ATD3", THREADS], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    converted = _convert(smollm2_dir, tmp_path / "convert.gguf", "--planes", "3", "--imatrix", str(imatrix))
+    ours, ref, plain = _tensors(quantized), _tensors(converted), _tensors(smollm2_atd3_gguf)
+    linear = [name for name in ref if name.split(".")[-2] in LINEAR]
+    assert len(linear) == 7 * 30
+    for name in linear:
+        assert bytes(ours[name].data) == bytes(ref[name].data), name
+    # the imatrix changed the fit (else this test would only repeat the one above)
+    assert sum(bytes(ref[n].data) != bytes(plain[n].data) for n in linear) > 0.9 * len(linear)
+
+
 # ---- e. bad input ------------------------------------------------------------------------------
 
 def test_stock_rejects_atd(tools, smollm2_atd3_gguf, tmp_path):
