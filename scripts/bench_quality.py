@@ -32,6 +32,11 @@ OUT = ROOT / "build" / "bench"
 FIXTURE = ROOT / "build" / "fixtures" / "smollm2-135m-instruct"
 FORTUNES = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ["literature", "wisdom", "people", "science", "politics", "work", "art", "education", "law"]
+# llama-imatrix calibration text: other fortune files, disjoint from the evaluation text
+CALIBRATION_FILES = ["songs-poems", "humorists", "miscellaneous", "platitudes"]
+CALIBRATION_CHUNKS = 40
+# quantized a second time with the same imatrix (ATD: convert --imatrix; stock: llama-quantize --imatrix)
+IMATRIX_STOCK_TYPES = ["Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 ATD_PLANES = [1, 2, 3]
 STOCK_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "TQ2_0"]
 # Types whose grids hold the fixture's Q4_1 values (nearly) exactly: biased in their favour
@@ -47,7 +52,7 @@ def need(path: Path, what: str) -> Path:
     return path
 
 
-def corpus(out: Path) -> Path:
+def corpus(out: Path, files: list[str] = FORTUNE_FILES, name: str = "fortunes-en.txt") -> Path:
     if not FORTUNES.is_dir():
         if shutil.which("apt-get") and os.geteuid() == 0:
             subprocess.run("apt-get update -qq && apt-get install -y -qq fortunes", shell=True, check=True,
@@ -55,12 +60,12 @@ def corpus(out: Path) -> Path:
         if not FORTUNES.is_dir():
             raise SystemExit("bench_quality: needs the Debian package 'fortunes' (apt-get install fortunes)")
     text = []
-    for name in FORTUNE_FILES:
-        for entry in (FORTUNES / name).read_text(errors="replace").split("\n%\n"):
+    for file in files:
+        for entry in (FORTUNES / file).read_text(errors="replace").split("\n%\n"):
             entry = entry.strip()
             if entry:
                 text.append(entry)
-    path = out / "fortunes-en.txt"
+    path = out / name
     path.write_text("\n\n".join(text) + "\n")
     return path
 
@@ -69,8 +74,19 @@ def atd_gguf(*args: str) -> None:
     subprocess.run([str(ROOT / ".venv" / "bin" / "atd-gguf"), *args], check=True, stdout=subprocess.DEVNULL)
 
 
+def make_imatrix(f16: Path, out: Path, threads: int) -> Path:
+    """llama-imatrix of the F16 model over the calibration text (kept in build/bench)."""
+    path = out / f"{f16.stem}.imatrix.gguf"
+    if not path.exists():
+        text = corpus(out, CALIBRATION_FILES, "fortunes-calibration.txt")
+        subprocess.run([str(need(BIN / "llama-imatrix", "patched llama-imatrix")), "-m", str(f16), "-f", str(text),
+                        "-o", str(path), "-c", "512", "--chunks", str(CALIBRATION_CHUNKS), "-t", str(threads)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return path
+
+
 def models(model_dir: Path, out: Path, threads: int) -> dict[str, Path]:
-    """name -> GGUF, converted once (kept in build/bench)."""
+    """name -> GGUF, converted once (kept in build/bench). "+imatrix" names used make_imatrix()."""
     name = model_dir.name
     result = {}
     f16 = out / f"{name}-F16.gguf"
@@ -89,6 +105,19 @@ def models(model_dir: Path, out: Path, threads: int) -> dict[str, Path]:
             subprocess.run([str(quantize), str(f16), str(path), qtype, str(threads)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         result[qtype] = path
+    imatrix = make_imatrix(f16, out, threads)
+    for n in ATD_PLANES:
+        path = out / f"{name}-ATD{n}-imatrix.gguf"
+        if not path.exists():
+            atd_gguf("convert", str(model_dir), "-o", str(path), "--planes", str(n), "--imatrix", str(imatrix),
+                     "--no-progress")
+        result[f"ATD{n} +imatrix"] = path
+    for qtype in IMATRIX_STOCK_TYPES:
+        path = out / f"{name}-{qtype}-imatrix.gguf"
+        if not path.exists():
+            subprocess.run([str(quantize), "--imatrix", str(imatrix), str(f16), str(path), qtype, str(threads)],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result[f"{qtype} +imatrix"] = path
     return result
 
 
@@ -168,7 +197,10 @@ def main() -> None:
         f"Model: `{args.model_dir.name}`. Corpus: English text from the Debian package `fortunes` "
         f"({', '.join(FORTUNE_FILES)}), {args.chunks} chunks × 512 tokens. Tool: patched "
         "`llama-perplexity --kl-divergence` against the F16 logits. ATD files come from `atd-gguf convert --planes N`, "
-        "stock types from the patched `llama-quantize` (from F16). 'bpw (all)' counts every tensor, "
+        "stock types from the patched `llama-quantize` (from F16). '+imatrix' rows used an importance matrix "
+        f"from `llama-imatrix` on the F16 model over other fortune files ({', '.join(CALIBRATION_FILES)}; "
+        f"{CALIBRATION_CHUNKS} chunks × 512 tokens, disjoint from the evaluation text): `atd-gguf convert "
+        "--imatrix` for ATD, `llama-quantize --imatrix` for the stock types. 'bpw (all)' counts every tensor, "
         f"'bpw (linear)' only the attention/FFN matrices ({100 * linear_share:.0f} % of the weights; the rest is "
         f"mostly the embedding, Q8_0 in ATD files). Generated by `scripts/bench_quality.py` ({took / 60:.1f} min).",
         "",
@@ -190,6 +222,9 @@ def main() -> None:
         "* SmolLM2-135M is 576 wide: 576 is not a multiple of 256, so llama-quantize stores most K-quant and TQ2_0 "
         "tensors in its 32-block fallbacks. The column 'linear weights stored as' shows what each file really "
         "holds. ATD uses its 64-block family there.",
+        "* An importance matrix helps ATD more than the stock types (compare each type's '+imatrix' row): "
+        "the plane scales are least-squares fits, and the imatrix weights them toward the columns that "
+        "matter. Pass `--imatrix` to `atd-gguf convert` for any real use.",
     ]
     args.doc.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.doc}")
