@@ -18,7 +18,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-
 def header_cdef() -> str:
     """atd.h's declarations for cffi: the C preprocessor expands its macros (which cffi cannot parse)."""
     cc = shlex.split(os.environ.get("CC") or "cc")
@@ -26,8 +25,9 @@ def header_cdef() -> str:
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"preprocessing ggml-ext/atd.h failed:\n{result.stderr}")
-    # (the static asserts expand to lone semicolons)
-    return "\n".join(line for line in result.stdout.splitlines() if line.strip() not in ("", ";") and not line.startswith("#"))
+    # the static asserts expand to lone semicolons
+    lines = result.stdout.splitlines()
+    return "\n".join(line for line in lines if line.strip() not in ("", ";") and not line.startswith("#"))
 
 
 # exactness: no FMA contraction, no fast-math; no -march=native (the wheel must run anywhere;

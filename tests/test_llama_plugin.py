@@ -7,7 +7,6 @@ The small C tools in tests/llama_plugin/ are compiled against those builds per s
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
