@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,9 @@ class _Group(click.Group):
     """Shows failures as one line (a traceback only with --verbose) and exits non-zero."""
 
     def invoke(self, ctx: click.Context):
+        # SIGTERM unwinds like Ctrl-C, so temp outputs are deleted (fsutil.atomic_output)
+        handles_sigterm = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -31,6 +36,14 @@ class _Group(click.Group):
             message = str(e) if isinstance(e, AtdError) else f"{type(e).__name__}: {e}"
             click.echo(f"error: {message.splitlines()[0] if message else type(e).__name__}", err=True)
             sys.exit(1)
+        finally:
+            if handles_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _terminate(signum, frame) -> None:
+    click.echo("error: terminated", err=True)
+    raise SystemExit(128 + signum)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -180,6 +193,8 @@ def export(gguf_file: Path, stock: bool, output: Path, export_type: str, force: 
         raise click.UsageError("export needs --stock (a stock-typed copy is the only export)")
     start = time.perf_counter()
     result = export_stock(gguf_file, output, export_type, force=force, progress=not no_progress)
+    for key in result.dropped_keys:
+        click.echo(f"warning: left out the empty metadata array {key} (gguf-py cannot write empty arrays)", err=True)
     click.echo(f"wrote {result.path}: {result.n_rewritten} of {result.n_tensors} tensors rewritten as "
                f"{export_type.upper()}, {result.n_bytes / 2**20:.1f} MiB of tensor data "
                f"({8 * result.n_bytes / result.n_params:.3f} bpw) in {time.perf_counter() - start:.1f} s")

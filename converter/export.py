@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import os
+
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -28,6 +30,7 @@ EXPORT_TYPES: dict[str, tuple[QT, LlamaFileType]] = {
 }
 # provenance: the stock type the ATD tensors were rewritten as (the atd.* keys of the source stay)
 EXPORTED_AS_KEY = "atd.exported_as"
+F16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ExportResult:
     n_rewritten: int
     n_params: int
     n_bytes: int
+    dropped_keys: tuple[str, ...] = ()  # empty metadata arrays, which gguf-py cannot write
 
 
 def is_atd(qtype: int) -> bool:
@@ -44,9 +48,10 @@ def is_atd(qtype: int) -> bool:
 
 
 def reconstruct(tensor: gguf.ReaderTensor) -> np.ndarray:
-    """float32 values of an ATD tensor, shape (rows, cols); AtdError on invalid packed data."""
+    """float32 values of an ATD tensor in numpy order (3-D expert stacks too); AtdError on invalid data."""
     atype = gguf_types.atd_type(int(tensor.tensor_type))
-    rows = np.asarray(tensor.data, dtype=np.uint8)
+    data = np.asarray(tensor.data, dtype=np.uint8)
+    rows = data.reshape(-1, data.shape[-1])
     try:
         if gguf_types.native_available():
             from gguf_types import _native
@@ -63,18 +68,42 @@ def reconstruct(tensor: gguf.ReaderTensor) -> np.ndarray:
     return values.reshape([int(d) for d in reversed(tensor.shape)])
 
 
-def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type: int, export_type: str) -> None:
+def _field_value(field: gguf.ReaderField) -> object:
+    """The field's value as the writer takes it; strings stay raw bytes (not every GGUF string is UTF-8)."""
+    vtype = field.types[0]
+    if vtype == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]])
+    if vtype == gguf.GGUFValueType.ARRAY and field.types[-1] == gguf.GGUFValueType.STRING:
+        return [bytes(field.parts[i]) for i in field.data]
+    return field.contents()
+
+
+def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type: int,
+                   export_type: str) -> tuple[str, ...]:
+    """Copy every key with its value type; returns the keys left out (empty arrays)."""
+    dropped = []
     for field in reader.fields.values():
         # GGUF.* are the reader's virtual fields; the writer adds general.architecture itself
         if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
             continue
         vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY and len(field.data) == 0:
+            dropped.append(field.name)
+            continue
         sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        value = file_type if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        value = file_type if field.name == gguf.Keys.General.FILE_TYPE else _field_value(field)
         writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
     if gguf.Keys.General.FILE_TYPE not in reader.fields:
         writer.add_file_type(file_type)
     writer.add_string(EXPORTED_AS_KEY, f"{export_type} (atd-gguf {__version__} export --stock)")
+    return tuple(dropped)
+
+
+def _encode(tensor: gguf.ReaderTensor, qtype: QT) -> np.ndarray:
+    values = reconstruct(tensor)
+    if qtype == QT.F16 and np.abs(values).max(initial=0.0) > F16_MAX:
+        raise AtdError(f"tensor {tensor.name}: values beyond the F16 range (|w| > {F16_MAX:g}); use --type q8_0")
+    return gguf.quants.quantize(values, qtype)
 
 
 def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_0", *,
@@ -84,7 +113,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
         raise AtdError(f"--type must be one of {', '.join(EXPORT_TYPES)}, got {export_type!r}")
     source, output = Path(source), Path(output)
     check_output_path(output, force)
-    if output.exists() and output.resolve() == source.resolve():
+    if output.exists() and source.exists() and os.path.samefile(output, source):
         raise AtdError(f"{output} is the input file; choose another output")
     reader = read_gguf(source)
     if reader.endianess != gguf.GGUFEndian.LITTLE:
@@ -114,7 +143,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
             plan.append((tensor, tensor.tensor_type))
             writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), int(tensor.n_bytes),
                                    raw_dtype=tensor.tensor_type)
-    _copy_metadata(reader, writer, int(file_type), export_type)
+    dropped = _copy_metadata(reader, writer, int(file_type), export_type)
 
     n_params = n_bytes = 0
     with atomic_output(output, force) as tmp:
@@ -129,7 +158,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
                 for tensor, out_type in plan:
                     bar.set_postfix_str(tensor.name, refresh=False)
                     if is_atd(tensor.tensor_type):
-                        data = gguf.quants.quantize(reconstruct(tensor), out_type)
+                        data = _encode(tensor, out_type)
                     else:
                         data = np.asarray(tensor.data)
                     data = np.ascontiguousarray(data)
@@ -140,7 +169,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
                     del data
         finally:
             writer.close()
-    return ExportResult(output, len(plan), len(atd_names), n_params, n_bytes)
+    return ExportResult(output, len(plan), len(atd_names), n_params, n_bytes, dropped)
 
 
 __all__ = ["EXPORT_TYPES", "EXPORTED_AS_KEY", "ExportResult", "export_stock", "is_atd", "reconstruct"]

@@ -23,6 +23,12 @@ def check_output_path(path: Path, force: bool) -> Path:
     return path
 
 
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_output(path: Path, force: bool) -> Iterator[Path]:
     """Yield a temp path next to `path`; rename it onto `path` on success, delete it on any failure."""
@@ -32,6 +38,7 @@ def atomic_output(path: Path, force: bool) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode())  # mkstemp made it 0600; a plain new file honours the umask
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

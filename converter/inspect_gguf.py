@@ -63,9 +63,11 @@ class FileSummary:
 
 
 def _scalar(field: gguf.ReaderField) -> object | None:
-    if len(field.types) == 1 and field.types[0] != gguf.GGUFValueType.ARRAY:
-        return field.contents()
-    return None
+    if len(field.types) != 1 or field.types[0] == gguf.GGUFValueType.ARRAY:
+        return None
+    if field.types[0] == gguf.GGUFValueType.STRING:  # contents() raises on strings that are not UTF-8
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    return field.contents()
 
 
 def read_gguf(path: Path) -> gguf.GGUFReader:

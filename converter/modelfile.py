@@ -200,7 +200,9 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
     from .inspect_gguf import read_gguf
 
     reader = read_gguf(Path(path))
-    strings = {key: str(field.contents()) for key, field in reader.fields.items()
+    # GGUF strings are meant to be UTF-8, but gguf-py's contents() raises on any that is not
+    strings = {key: bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+               for key, field in reader.fields.items()
                if len(field.types) == 1 and field.types[0] == gguf.GGUFValueType.STRING}
     return GgufHeader(strings, {t.name: int(t.tensor_type) for t in reader.tensors})
 

@@ -128,9 +128,10 @@ def build_model_card(summary: FileSummary, *, repo_id: str, base_model: str | No
     if not atd_types and isinstance(exported_as, str):
         planes = summary.metadata.get("atd.planes")
         body.append("")
+        # the size table below shows the types the file holds now (it may have been requantized since)
         body.append(f"Its attention and feed-forward weights are the reconstruction of an ATD{planes or ''} model "
-                    f"(Adaptive Ternary Decomposition: sums of ternary planes), re-encoded as "
-                    f"{exported_as.split()[0].upper()} by `atd-gguf export --stock` so that stock runtimes load it.")
+                    "(Adaptive Ternary Decomposition: sums of ternary planes), written in stock tensor types by "
+                    "`atd-gguf export --stock` so that stock runtimes load it.")
     body += ["", "## Size", "", "| type | tensors | weights | bytes | bits/weight |", "|---|---:|---:|---:|---:|"]
     for qtype, (n, params, nbytes) in sorted(summary.type_totals().items(), key=lambda kv: -kv[1][2]):
         body.append(f"| {qtype} | {n} | {params:,} | {nbytes:,} | {8 * nbytes / params:.3f} |")

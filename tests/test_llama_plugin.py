@@ -313,8 +313,8 @@ def test_llama_quantize_matches_converter(smollm2_f32_gguf, smollm2_atd3_gguf, t
 # Measured on SmolLM2-135M ATD3, PROMPTS, every position: the export in stock llama.cpp vs the ATD
 # file in the patched one: Q8_0 max |dlogit| 2.32, mean 0.32, top-1 0.87; F16 max 2.48, mean 0.29,
 # top-1 0.90 (the patched runtime's q8_K/q8_0 activations, as in c.). The F16 export vs transformers
-# on the ATD weights: max 0.43, mean 0.055 (the Q8_0 output matmul's q8_0 activations); a wrong plane
-# or scale gives mean errors of several units.
+# on the ATD weights: max 0.43, mean 0.055 (fp16 activations in the F16 matmuls, q8_0 in the Q8_0
+# output layer); a wrong plane or scale gives mean errors of several units.
 F16_EXPORT_MEAN_ABS_DLOGIT = 0.1
 
 
