@@ -74,7 +74,7 @@ class AtdOptions:
             raise AtdError(f"{self.imatrix}: unusable imatrix (no entry matches this model's tensors)")
 
     def encode(self, qtype: QT, data: np.ndarray, name: str) -> np.ndarray:
-        if not _is_atd(qtype):
+        if not gguf_types.is_atd_type_id(qtype):
             return stock_encode(qtype, data, name)
         atype = gguf_types.atd_type(int(qtype))
         return gguf_types.quantize(data, atype, self.method, self.importance_for(name, data.shape[-1]))
@@ -98,7 +98,3 @@ class AtdOptions:
 
     def _check_plan(self, names_and_types: list[tuple[str, QT]]) -> None:
         self.check_coverage([n for n, t in names_and_types if LINEAR_WEIGHT.match(n)])
-
-
-def _is_atd(qtype: QT) -> bool:
-    return any(int(qtype) == t.ggml_type for t in gguf_types.ATD_TYPES)

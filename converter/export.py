@@ -43,10 +43,6 @@ class ExportResult:
     dropped_keys: tuple[str, ...] = ()  # empty metadata arrays, which gguf-py cannot write
 
 
-def is_atd(qtype: int) -> bool:
-    return any(int(qtype) == t.ggml_type for t in gguf_types.ATD_TYPES)
-
-
 def reconstruct(tensor: gguf.ReaderTensor) -> np.ndarray:
     """float32 values of an ATD tensor in numpy order (3-D expert stacks too); AtdError on invalid data."""
     atype = gguf_types.atd_type(int(tensor.tensor_type))
@@ -118,7 +114,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
     reader = read_gguf(source)
     if reader.endianess != gguf.GGUFEndian.LITTLE:
         raise AtdError(f"{source} is a big-endian GGUF; ATD files are little-endian")
-    atd_names = [t.name for t in reader.tensors if is_atd(t.tensor_type)]
+    atd_names = [t.name for t in reader.tensors if gguf_types.is_atd_type_id(t.tensor_type)]
     if not atd_names:
         raise AtdError(f"{source} has no ATD tensors: stock llama.cpp and Ollama load it as it is")
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
@@ -133,7 +129,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
     plan: list[tuple[gguf.ReaderTensor, QT]] = []
     for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape))
-        if is_atd(tensor.tensor_type):
+        if gguf_types.is_atd_type_id(tensor.tensor_type):
             # ATD rows are whole 64/256-blocks, so they always fill Q8_0's 32-blocks
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
@@ -157,7 +153,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
                       disable=None if progress else True, desc="exporting", leave=False) as bar:
                 for tensor, out_type in plan:
                     bar.set_postfix_str(tensor.name, refresh=False)
-                    if is_atd(tensor.tensor_type):
+                    if gguf_types.is_atd_type_id(tensor.tensor_type):
                         data = _encode(tensor, out_type)
                     else:
                         data = np.asarray(tensor.data)
@@ -172,4 +168,4 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
     return ExportResult(output, len(plan), len(atd_names), n_params, n_bytes, dropped)
 
 
-__all__ = ["EXPORT_TYPES", "EXPORTED_AS_KEY", "ExportResult", "export_stock", "is_atd", "reconstruct"]
+__all__ = ["EXPORT_TYPES", "EXPORTED_AS_KEY", "ExportResult", "export_stock", "reconstruct"]

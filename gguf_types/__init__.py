@@ -17,6 +17,7 @@ from .atd import (
     dequantize,
     dequantize_blocks,
     fallback_type_name_for,
+    is_atd_type_id,
     pack_blocks,
     unpack_blocks,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "atd_type",
     "atd_type_for",
     "fallback_type_name_for",
+    "is_atd_type_id",
     "quantize",
     "dequantize",
     "dequantize_blocks",

@@ -107,6 +107,11 @@ def atd_type(name_or_id: "str | int | AtdType") -> AtdType:
     raise UnknownAtdType(f"cannot look up an ATD type from {name_or_id!r}")
 
 
+def is_atd_type_id(type_id: int) -> bool:
+    """True for the ggml type ids of the ATD types (200..207)."""
+    return int(type_id) in _BY_ID
+
+
 def atd_type_for(planes: int, row_len: int) -> AtdType | None:
     """The ATD type with `planes` planes for rows of `row_len` weights.
 
