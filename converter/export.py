@@ -20,6 +20,7 @@ from gguf import LlamaFileType
 import gguf_types
 
 from . import __version__
+from .convert import tensor_nbytes
 from .errors import AtdError
 from .fsutil import atomic_output, check_output_path
 from .inspect_gguf import read_gguf
@@ -131,10 +132,9 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
         shape = tuple(int(d) for d in reversed(tensor.shape))
         if gguf_types.is_atd_type_id(tensor.tensor_type):
             # ATD rows are whole 64/256-blocks, so they always fill Q8_0's 32-blocks
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            nbytes = int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
             plan.append((tensor, qtype))
-            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), tensor_nbytes(qtype, shape),
+                                   raw_dtype=qtype)
         else:
             plan.append((tensor, tensor.tensor_type))
             writer.add_tensor_info(tensor.name, shape, np.dtype(np.float32), int(tensor.n_bytes),

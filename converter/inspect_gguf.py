@@ -62,11 +62,16 @@ class FileSummary:
         }
 
 
+def string_value(field: gguf.ReaderField) -> str:
+    """A scalar STRING field; gguf-py's contents() raises on strings that are not UTF-8."""
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
 def _scalar(field: gguf.ReaderField) -> object | None:
     if len(field.types) != 1 or field.types[0] == gguf.GGUFValueType.ARRAY:
         return None
-    if field.types[0] == gguf.GGUFValueType.STRING:  # contents() raises on strings that are not UTF-8
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    if field.types[0] == gguf.GGUFValueType.STRING:
+        return string_value(field)
     return field.contents()
 
 

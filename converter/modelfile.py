@@ -197,12 +197,10 @@ def read_gguf_header(path: str | Path) -> GgufHeader:
     """Scalar string metadata and tensor type ids of a GGUF, read with gguf-py."""
     import gguf
 
-    from .inspect_gguf import read_gguf
+    from .inspect_gguf import read_gguf, string_value
 
     reader = read_gguf(Path(path))
-    # GGUF strings are meant to be UTF-8, but gguf-py's contents() raises on any that is not
-    strings = {key: bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-               for key, field in reader.fields.items()
+    strings = {key: string_value(field) for key, field in reader.fields.items()
                if len(field.types) == 1 and field.types[0] == gguf.GGUFValueType.STRING}
     return GgufHeader(strings, {t.name: int(t.tensor_type) for t in reader.tensors})
 

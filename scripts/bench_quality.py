@@ -93,31 +93,28 @@ def models(model_dir: Path, out: Path, threads: int) -> dict[str, Path]:
     if not f16.exists():
         atd_gguf("convert", str(model_dir), "-o", str(f16), "--outtype", "f16", "--no-progress")
     result["F16"] = f16
-    for n in ATD_PLANES:
-        path = out / f"{name}-ATD{n}.gguf"
-        if not path.exists():
-            atd_gguf("convert", str(model_dir), "-o", str(path), "--planes", str(n), "--no-progress")
-        result[f"ATD{n}"] = path
     quantize = need(BIN / "llama-quantize", "patched llama-quantize")
-    for qtype in STOCK_TYPES:
-        path = out / f"{name}-{qtype}.gguf"
+
+    def atd(n: int, imatrix: Path | None) -> Path:
+        path = out / f"{name}-ATD{n}{'-imatrix' if imatrix else ''}.gguf"
         if not path.exists():
-            subprocess.run([str(quantize), str(f16), str(path), qtype, str(threads)], check=True,
+            weighting = ["--imatrix", str(imatrix)] if imatrix else []
+            atd_gguf("convert", str(model_dir), "-o", str(path), "--planes", str(n), *weighting, "--no-progress")
+        return path
+
+    def stock(qtype: str, imatrix: Path | None) -> Path:
+        path = out / f"{name}-{qtype}{'-imatrix' if imatrix else ''}.gguf"
+        if not path.exists():
+            weighting = ["--imatrix", str(imatrix)] if imatrix else []
+            subprocess.run([str(quantize), *weighting, str(f16), str(path), qtype, str(threads)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result[qtype] = path
+        return path
+
+    result.update({f"ATD{n}": atd(n, None) for n in ATD_PLANES})
+    result.update({qtype: stock(qtype, None) for qtype in STOCK_TYPES})
     imatrix = make_imatrix(f16, out, threads)
-    for n in ATD_PLANES:
-        path = out / f"{name}-ATD{n}-imatrix.gguf"
-        if not path.exists():
-            atd_gguf("convert", str(model_dir), "-o", str(path), "--planes", str(n), "--imatrix", str(imatrix),
-                     "--no-progress")
-        result[f"ATD{n} +imatrix"] = path
-    for qtype in IMATRIX_STOCK_TYPES:
-        path = out / f"{name}-{qtype}-imatrix.gguf"
-        if not path.exists():
-            subprocess.run([str(quantize), "--imatrix", str(imatrix), str(f16), str(path), qtype, str(threads)],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result[f"{qtype} +imatrix"] = path
+    result.update({f"ATD{n} +imatrix": atd(n, imatrix) for n in ATD_PLANES})
+    result.update({f"{qtype} +imatrix": stock(qtype, imatrix) for qtype in IMATRIX_STOCK_TYPES})
     return result
 
 
