@@ -24,8 +24,8 @@ from .imatrix import load_imatrix
 LINEAR_WEIGHT = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 EMBEDDINGS = ("token_embd.weight", "output.weight")
 EMBED_TYPES = tuple(STOCK_OUTTYPES)
-# general.file_type of an ATD file: 200 + N - 1, mirroring the type ids (docs/atd-format.md)
-ATD_FILE_TYPE_BASE = 200
+# general.file_type of an ATD file: 1000 + N - 1, mirroring the type ids (docs/atd-format.md)
+ATD_FILE_TYPE_BASE = gguf_types.ATD_TYPE_ID_BASE
 
 
 @dataclass
@@ -81,7 +81,7 @@ class AtdOptions:
 
     def metadata(self) -> dict[str, object]:
         kv: dict[str, object] = {
-            "atd.format_version": 1,
+            "atd.format_version": gguf_types.ATD_FORMAT_VERSION,
             "atd.planes": self.planes,
             "atd.method": self.method,
             "atd.embed_type": self.embed_type,

@@ -75,18 +75,49 @@ def _scalar(field: gguf.ReaderField) -> object | None:
     return field.contents()
 
 
+class _MetadataReader(gguf.GGUFReader):
+    """GGUFReader that stops after the metadata: its tensor types are not looked up."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        self.tensors = []
+
+
+def _unreadable(path: Path, error: Exception) -> AtdError:
+    """One line on why GGUFReader failed; another ATD format version gets its own message."""
+    try:
+        field = _MetadataReader(path).get_field("atd.format_version")
+        version = field.contents() if field is not None else None
+    except Exception:  # noqa: BLE001 - the metadata is unreadable too: the generic message
+        version = None
+    if isinstance(version, int) and version != gguf_types.ATD_FORMAT_VERSION:
+        return AtdError(f"{path}: an ATD format version {version} file, which this atd-gguf does not read (it "
+                        f"reads format {gguf_types.ATD_FORMAT_VERSION}); re-convert the model with `atd-gguf convert`")
+    return AtdError(f"{path}: not a readable GGUF file ({error})")
+
+
 def read_gguf(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
         raise AtdError(f"{path}: no such file")
     try:
         return gguf.GGUFReader(path)
     except (ValueError, KeyError, IndexError, OSError) as e:
-        raise AtdError(f"{path}: not a readable GGUF file ({e})") from None
+        raise _unreadable(path, e) from None
+
+
+def check_atd_data(reader: gguf.GGUFReader, path: Path) -> None:
+    """Raise AtdError on the first ATD tensor whose bytes are not a valid encoding (the checks of the
+    patched ggml_validate_row_data: canonical base-3 bytes, zero padding trits, finite scales)."""
+    for t in reader.tensors:
+        if gguf_types.is_atd_type_id(t.tensor_type):
+            problem = gguf_types.validate_blocks(np.asarray(t.data), int(t.tensor_type))
+            if problem is not None:
+                raise AtdError(f"{path}: tensor {t.name} ({t.tensor_type.name}) holds invalid data: {problem}")
 
 
 def inspect_file(path: str | Path) -> FileSummary:
     path = Path(path)
     reader = read_gguf(path)
+    check_atd_data(reader, path)
     metadata = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.pre":

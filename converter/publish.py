@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf_types
+
 from . import __version__
 from .errors import AtdError
 from .inspect_gguf import FileSummary, inspect_file
@@ -21,6 +23,11 @@ from .modelfile import ChatTemplate, ollama_config
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
 _HF_REPO_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+?)/?")
 _PLAIN_YAML = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
+
+
+def _atd_ids(names) -> str:
+    """"1001, 1005" for ["ATD2", "ATD2_64"]: the ggml type ids a runtime must know."""
+    return ", ".join(str(gguf_types.atd_type(n).ggml_type) for n in names)
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,8 @@ def build_model_card(summary: FileSummary, *, repo_id: str, base_model: str | No
         body.append("")
         body.append("Its attention and feed-forward weights are stored as **ATD** (Adaptive Ternary Decomposition): "
                     "each weight block is a sum of ternary planes {-1, 0, +1} with one fp16 scale per plane, "
-                    f"as the custom GGUF tensor types {', '.join(atd_types)} (ggml type ids 200–207)"
+                    f"as the custom GGUF tensor types {', '.join(atd_types)} (ATD format "
+                    f"{gguf_types.ATD_FORMAT_VERSION}, ggml type ids {_atd_ids(atd_types)})"
                     + (f"; {details}." if details else "."))
     exported_as = summary.metadata.get("atd.exported_as")
     if not atd_types and isinstance(exported_as, str):

@@ -122,7 +122,7 @@ static inline int atd_type_ok(int planes, int block) {
 }
 
 static inline size_t atd_block_bytes(int planes, int block) {
-    return (size_t)planes * (sizeof(ggml_half) + (size_t)block / 4);
+    return (size_t)ATD_TYPE_SIZE(planes, block);
 }
 
 // f_k = 0.30 + (0.70 * k) / (K - 1)
@@ -258,10 +258,10 @@ static int atd_round_scales(int n, const double * alpha, uint16_t * d16, float *
     return ok;
 }
 
-// Write one block: scales, then codes[i][e] (0..2) packed 4 per byte (element e of plane i
-// goes to byte e % (B/4), bits 2*(e / (B/4))).
+// Write one block: scales, then codes[i][e] (0..2) as base-3 bytes (element e of plane i is digit
+// e / S of byte e % S; padding slots get code 0).
 static void atd_pack_block(int n, int B, const uint16_t * d16, const uint8_t * codes /* [n][B] */, uint8_t * out) {
-    const int q = B / 4;
+    const int S = ATD_PLANE_BYTES(B);
     for (int i = 0; i < n; ++i) {
         out[2*i + 0] = (uint8_t)(d16[i] & 0xff); // little endian
         out[2*i + 1] = (uint8_t)(d16[i] >> 8);
@@ -269,15 +269,22 @@ static void atd_pack_block(int n, int B, const uint16_t * d16, const uint8_t * c
     uint8_t * qs = out + 2*n;
     for (int i = 0; i < n; ++i) {
         const uint8_t * c = codes + i*B;
-        for (int j = 0; j < q; ++j) {
-            qs[i*q + j] = (uint8_t)(c[j] | c[j + q] << 2 | c[j + 2*q] << 4 | c[j + 3*q] << 6);
+        for (int j = 0; j < S; ++j) {
+            int v = 0;
+            for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+                const int e = S*k + j;
+                v = 3*v + (e < B ? c[e] : 0);
+            }
+            qs[i*S + j] = atd_encode_byte(v);
         }
     }
 }
 
 static void atd_write_zero_block(int n, int B, uint8_t * out) {
-    memset(out, 0, 2*n);                  // +0.0 scales
-    memset(out + 2*n, 0x55, n * (B / 4)); // every code 1 (t = 0)
+    static const uint16_t zero_d[ATD_MAX_PLANES] = { 0, 0, 0, 0 }; // +0.0 scales
+    uint8_t codes[ATD_MAX_PLANES * QK_ATD];
+    memset(codes, 1, sizeof(codes));                                 // every trit 0
+    atd_pack_block(n, B, zero_d, codes, out);
 }
 
 // final reassignment against the decoder's float32 levels; dead planes (scale 0) get t = 0
@@ -901,41 +908,98 @@ size_t atd_quantize_rows(const float * x, void * y, int64_t nrows, int64_t n_per
     return (size_t)nrows * (size_t)job.bpr * atd_block_bytes(planes, block);
 }
 
+// codes[e] (0..2) of the B elements of one plane (padding slots are not returned)
+static inline void atd_unpack_plane(const uint8_t * qs, int B, uint8_t * codes) {
+    const int S = ATD_PLANE_BYTES(B);
+    for (int j = 0; j < S; ++j) {
+        uint32_t x = qs[j];
+        for (int k = 0, e = j; k < ATD_TRITS_PER_BYTE && e < B; ++k, e += S) {
+            codes[e] = (uint8_t)((x * 3u) >> 8);
+            x = (x * 3u) & 0xffu;
+        }
+    }
+}
+
 void atd_dequantize_row(const void * vx, float * y, int64_t k, int planes, int block) {
     if (!atd_type_ok(planes, block) || k % block != 0) return;
     const uint8_t * x   = (const uint8_t *)vx;
     const size_t    bsz = atd_block_bytes(planes, block);
-    const int       q   = block / 4;
+    const int       S   = ATD_PLANE_BYTES(block);
     for (int64_t b = 0; b < k / block; ++b, x += bsz, y += block) {
-        float d[ATD_MAX_PLANES];
-        for (int i = 0; i < planes; ++i) d[i] = atd_fp16_to_fp32((uint16_t)(x[2*i] | x[2*i + 1] << 8));
-        const uint8_t * qs = x + 2*planes;
+        float   d[ATD_MAX_PLANES];
+        uint8_t codes[ATD_MAX_PLANES][QK_ATD];
+        for (int i = 0; i < planes; ++i) {
+            d[i] = atd_fp16_to_fp32((uint16_t)(x[2*i] | x[2*i + 1] << 8));
+            atd_unpack_plane(x + 2*planes + i*S, block, codes[i]);
+        }
         for (int e = 0; e < block; ++e) {
-            const int byte = e % q, shift = 2 * (e / q);
             float v = 0.0f;
             for (int i = 0; i < planes; ++i) {
-                const int t = ((qs[i*q + byte] >> shift) & 3) - 1;
-                v = v + d[i] * (float)t; // float32, planes in order 0..N-1
+                v = v + d[i] * (float)((int)codes[i][e] - 1); // float32, planes in order 0..N-1
             }
             y[e] = v;
         }
     }
 }
 
+// per byte value: bit 0 = canonical (what atd_encode_byte writes for the digits it decodes to),
+// bit 1 = its last digit is 0 (required where that digit is a padding slot)
+static void atd_byte_checks(uint8_t * tab) {
+    for (int b = 0; b < 256; ++b) {
+        int v = 0;
+        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) v = 3*v + atd_byte_digit((uint8_t)b, k);
+        tab[b] = (uint8_t)((atd_encode_byte(v) == b) | (atd_byte_digit((uint8_t)b, ATD_TRITS_PER_BYTE - 1) == 0) << 1);
+    }
+}
+
 int atd_validate_row(const void * vx, int64_t k, int planes, int block) {
     if (!atd_type_ok(planes, block) || k < 0 || k % block != 0) return 0;
+    uint8_t tab[256];
+    atd_byte_checks(tab);
     const uint8_t * x   = (const uint8_t *)vx;
     const size_t    bsz = atd_block_bytes(planes, block);
+    const int       S   = ATD_PLANE_BYTES(block);
+    const int       pad = block - S * (ATD_TRITS_PER_BYTE - 1); // bytes j >= pad hold a padding slot
     for (int64_t b = 0; b < k / block; ++b, x += bsz) {
         for (int i = 0; i < planes; ++i) {
             if (!atd_half_is_finite((uint16_t)(x[2*i] | x[2*i + 1] << 8))) return 0;
-        }
-        for (size_t j = 2*(size_t)planes; j < bsz; ++j) {
-            const uint8_t v = x[j];
-            if ((v & (v >> 1) & 0x55u) != 0) return 0; // some 2-bit field is 0b11
+            const uint8_t * qs = x + 2*planes + i*S;
+            for (int j = 0; j < S; ++j) {
+                const uint8_t need = j < pad ? 1 : 3;
+                if ((tab[qs[j]] & need) != need) return 0;
+            }
         }
     }
     return 1;
+}
+
+// the 64 family's activations (ggml-base: the from_float_ref of its type traits)
+// atd_q8_64: per 32 values d = max|x| / 127 and q = nearest int of x / d (|q| <= 127), stored in the
+// digit groups of atd.h (atd_q8_64_group/lane), zero elsewhere; sum[h] = the sum of half h's q.
+void quantize_row_atd_q8_64(const float * x, void * vy, int64_t k) {
+    block_atd_q8_64 * y = (block_atd_q8_64 *)vy;
+    for (int64_t b = 0; b < k / QK_ATD_64; ++b) {
+        memset(&y[b], 0, sizeof(y[b]));
+        for (int h = 0; h < 2; ++h) {
+            const float * xh   = x + b * QK_ATD_64 + 32 * h;
+            float         amax = 0.0f;
+            for (int j = 0; j < 32; ++j) {
+                const float a = fabsf(xh[j]);
+                amax = a > amax ? a : amax;
+            }
+            const float d  = amax / 127.0f;
+            const float id = d != 0.0f ? 1.0f / d : 0.0f;
+            int32_t     sum = 0;
+            for (int j = 0; j < 32; ++j) {
+                int v = (int)nearbyintf(xh[j] * id);
+                v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                y[b].qs[atd_q8_64_group(32 * h + j)][atd_q8_64_lane(32 * h + j)] = (int8_t)v;
+                sum += v;
+            }
+            y[b].d[h]   = d;
+            y[b].sum[h] = sum;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-// ATD (Adaptive Ternary Decomposition) tensor types for ggml: block layout and entry points.
+// ATD (Adaptive Ternary Decomposition) tensor types for ggml: block layout and entry points
+// (format version 2).
 //
 // One block of B weights holds N ternary planes, each with one fp16 scale:
-//     w[e] = sum_{i<N} d[i] * t[i][e],   t in {-1,0,+1} stored as the 2-bit code t+1.
-// Byte j of plane i holds elements j, j+B/4, j+2B/4, j+3B/4 in bits 0-1, 2-3, 4-5, 6-7,
-// so (qs[i][j] >> 2k) & 3 over j = 0..B/4-1 gives natural-order elements k*B/4 ... .
+//     w[e] = sum_{i<N} d[i] * t[i][e],   t in {-1,0,+1} stored as the code c = t+1.
+// A plane is S = ceil(B/5) base-3 bytes (52 for B = 256, 13 for B = 64): digit k of byte j
+// (k = 0 most significant) is the code of element S*k + j; slots S*k + j >= B are padding and
+// hold code 0. A byte stores its base-3 value v = sum_k c_k 3^(4-k) as the fixed-point fraction
+// ceil(256 v / 243), so digit k is ((x_k * 3) >> 8) with x_0 = byte, x_{k+1} = x_k * 3 mod 256.
 // The byte-exact spec is docs/atd-format.md; gguf_types/atd.py is the Python mirror and
 // tests/test_ggml_ext.py checks that both agree.
 //
@@ -25,10 +28,14 @@ extern "C" {
 #endif
 
 #define QK_ATD    256  // weights per block, ATD1..ATD4 (rows that are multiples of 256; q8_K activations)
-#define QK_ATD_64 64   // weights per block, ATD1_64..ATD4_64 (rows that are multiples of 64; q8_0 activations)
+#define QK_ATD_64 64   // weights per block, ATD1_64..ATD4_64 (rows that are multiples of 64; atd_q8_64 activations)
 #define ATD_MAX_PLANES 4
+#define ATD_TRITS_PER_BYTE 5                                           // 3^5 = 243 <= 256
+#define ATD_PLANE_BYTES(B) (((B) + ATD_TRITS_PER_BYTE - 1) / ATD_TRITS_PER_BYTE)  // 52, 13
+#define ATD_FORMAT_VERSION 2
 
-#define ATD_TYPE_ID_BASE 200  // ggml type ids: ATD1..ATD4 = 200..203, ATD1_64..ATD4_64 = 204..207
+#define ATD_TYPE_ID_BASE 1000  // ggml type ids: ATD1..ATD4 = 1000..1003, ATD1_64..ATD4_64 = 1004..1007
+#define ATD_ACT_TYPE_ID  1008  // the 64 family's activation type (runtime only, never in a file)
 
 #ifdef ATD_IN_GGML
 #include "ggml-common.h"
@@ -37,20 +44,17 @@ typedef uint16_t ggml_half;
 #ifndef QK_K
 #define QK_K 256
 #endif
-#define QK8_0 32
-// ggml's activation blocks, same layout (ggml/src/ggml-common.h)
+// ggml's activation block, same layout (ggml/src/ggml-common.h)
 typedef struct {
     float   d;              // delta
     int8_t  qs[QK_K];       // quants
     int16_t bsums[QK_K/16]; // sum of quants in groups of 16
 } block_q8_K;
-typedef struct {
-    ggml_half d;            // delta
-    int8_t    qs[QK8_0];    // quants
-} block_q8_0;
 #endif
 
-#define ATD_BLOCK(N, B) struct { ggml_half d[N]; uint8_t qs[N][(B)/4]; }
+// Scales as little-endian byte pairs: alignment 1, so the 15*N-byte blocks of the 64 family need
+// no padding.
+#define ATD_BLOCK(N, B) struct { uint8_t d[N][2]; uint8_t qs[N][ATD_PLANE_BYTES(B)]; }
 typedef ATD_BLOCK(1, QK_ATD)    block_atd1;
 typedef ATD_BLOCK(2, QK_ATD)    block_atd2;
 typedef ATD_BLOCK(3, QK_ATD)    block_atd3;
@@ -61,8 +65,20 @@ typedef ATD_BLOCK(3, QK_ATD_64) block_atd3_64;
 typedef ATD_BLOCK(4, QK_ATD_64) block_atd4_64;
 #undef ATD_BLOCK
 
-// bytes of one block: N fp16 scales + N planes of B/4 bytes (the formula gguf_types uses)
-#define ATD_TYPE_SIZE(N, B) ((N) * (sizeof(ggml_half) + (B) / 4))
+// Activations of the 64 family: int8 with one float scale per 32 (the precision of ggml's q8_0), laid
+// out in 16-byte groups, one per digit of the 13 plane bytes: group g lane j pairs with digit
+// ATD_Q8_64_DIGIT[g] of plane byte j. Digit 2 (elements 26..38) straddles the two halves, so it
+// has two groups: elements 26..31 (lanes 0..5) and 32..38 (lanes 6..12). Lanes that meet no
+// element of that group are zero. Groups 0..2 are elements 0..31, groups 3..5 elements 32..63.
+#define ATD_Q8_64_GROUPS 6
+typedef struct {
+    float   d[2];                  // x ~= d[h] * q for the elements of half h (0..31, 32..63)
+    int32_t sum[2];                // sum of the 32 q of each half
+    int8_t  qs[ATD_Q8_64_GROUPS][16];
+} block_atd_q8_64;
+
+// bytes of one block: N fp16 scales + N planes of ceil(B/5) bytes (the formula gguf_types uses)
+#define ATD_TYPE_SIZE(N, B) ((N) * (2 + ATD_PLANE_BYTES(B)))
 
 #if defined(ATD_CFFI_CDEF)
 #define ATD_STATIC_ASSERT(cond, msg)  // cffi's parser has no static asserts
@@ -79,7 +95,27 @@ ATD_STATIC_ASSERT(sizeof(block_atd1_64) == ATD_TYPE_SIZE(1, QK_ATD_64), "wrong a
 ATD_STATIC_ASSERT(sizeof(block_atd2_64) == ATD_TYPE_SIZE(2, QK_ATD_64), "wrong atd2_64 block size/padding");
 ATD_STATIC_ASSERT(sizeof(block_atd3_64) == ATD_TYPE_SIZE(3, QK_ATD_64), "wrong atd3_64 block size/padding");
 ATD_STATIC_ASSERT(sizeof(block_atd4_64) == ATD_TYPE_SIZE(4, QK_ATD_64), "wrong atd4_64 block size/padding");
+ATD_STATIC_ASSERT(sizeof(block_atd_q8_64) == 4*sizeof(int32_t) + ATD_Q8_64_GROUPS*16, "wrong atd_q8_64 block size");
 ATD_STATIC_ASSERT(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K/16*sizeof(int16_t), "wrong q8_K block size");
+
+#ifndef ATD_CFFI_CDEF
+// group and lane of element e (0..63) in block_atd_q8_64
+static inline int atd_q8_64_group(int e) {
+    const int k = e / ATD_PLANE_BYTES(QK_ATD_64);
+    return k < 2 ? k : k == 2 ? (e < 32 ? 2 : 3) : k + 1;
+}
+static inline int atd_q8_64_lane(int e) { return e % ATD_PLANE_BYTES(QK_ATD_64); }
+
+// The base-3 byte (one fact, used by the codec and the kernels)
+// stored byte of the base-3 value v = sum_k c_k 3^(4-k), 0 <= v < 243
+static inline uint8_t atd_encode_byte(int v) { return (uint8_t)((v * 256 + 242) / 243); }
+// code (0..2) of digit k of a stored byte
+static inline int atd_byte_digit(uint8_t b, int k) {
+    uint32_t x = b;
+    for (int i = 0; i < k; ++i) x = (x * 3u) & 0xffu;
+    return (int)((x * 3u) >> 8);
+}
+#endif
 
 // ---- generic entry points (planes N = 1..4, block B = QK_ATD or QK_ATD_64) -------------------------
 
@@ -97,11 +133,12 @@ size_t atd_quantize_rows(const float * x, void * y, int64_t nrows, int64_t n_per
                          const float * imatrix, int n_threads);
 // section 3: float32, planes added in order 0..N-1
 void   atd_dequantize_row(const void * x, float * y, int64_t k, int planes, int block);
-// 1 if every code is 0..2 and every scale finite (for ggml_validate_row_data), else 0
+// 1 if every byte is a canonical base-3 byte, every padding slot holds code 0 and every scale is
+// finite (for ggml_validate_row_data), else 0
 int    atd_validate_row(const void * x, int64_t k, int planes, int block);
 
 // Dot of one ATD row with q8 activations: B = QK_ATD against block_q8_K, B = QK_ATD_64 against
-// block_q8_0. n weights. Integer math per plane, one float scale per block.
+// block_atd_q8_64. n weights. Integer math per plane, one float scale per block.
 enum atd_kernel_path { ATD_PATH_AUTO = 0, ATD_PATH_SCALAR, ATD_PATH_AVX2, ATD_PATH_AVX512, ATD_PATH_NEON };
 void atd_vec_dot(int n, float * s, const void * vx, const void * vy, int planes, int block);
 void atd_vec_dot_path(int n, float * s, const void * vx, const void * vy, int planes, int block, int path);
@@ -111,9 +148,10 @@ int  atd_path_available(int path);
 int  atd_selected_path(void);
 void atd_set_path(int path);
 
-// Reference activation quantizers (standalone builds: tests and benchmarks; ggml has its own)
+// Activation quantizers: q8_K (standalone builds: tests and benchmarks; ggml has its own) and the
+// 64 family's atd_q8_64 (also ggml's from_float for it): per 32, d = max|x| / 127, q = nearest int of x / d.
 void atd_quantize_row_q8_K_ref(const float * x, block_q8_K * y, int64_t k);
-void atd_quantize_row_q8_0_ref(const float * x, block_q8_0 * y, int64_t k);
+void quantize_row_atd_q8_64(const float * x, void * y, int64_t k);
 
 // ---- ggml-style per-type entry points (the trait tables of the llama.cpp patch point at these) ----
 #define ATD_DECLARE(name, N, B, vtype)                                                                   \
@@ -127,10 +165,10 @@ ATD_DECLARE(atd1, 1, QK_ATD, q8_K)
 ATD_DECLARE(atd2, 2, QK_ATD, q8_K)
 ATD_DECLARE(atd3, 3, QK_ATD, q8_K)
 ATD_DECLARE(atd4, 4, QK_ATD, q8_K)
-ATD_DECLARE(atd1_64, 1, QK_ATD_64, q8_0)
-ATD_DECLARE(atd2_64, 2, QK_ATD_64, q8_0)
-ATD_DECLARE(atd3_64, 3, QK_ATD_64, q8_0)
-ATD_DECLARE(atd4_64, 4, QK_ATD_64, q8_0)
+ATD_DECLARE(atd1_64, 1, QK_ATD_64, atd_q8_64)
+ATD_DECLARE(atd2_64, 2, QK_ATD_64, atd_q8_64)
+ATD_DECLARE(atd3_64, 3, QK_ATD_64, atd_q8_64)
+ATD_DECLARE(atd4_64, 4, QK_ATD_64, atd_q8_64)
 #undef ATD_DECLARE
 
 #ifdef __cplusplus

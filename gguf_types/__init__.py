@@ -7,8 +7,11 @@ Importing this package registers the types with gguf-py (register_with_gguf()).
 """
 
 from .atd import (
+    ATD_ACT_TYPE_ID,
+    ATD_FORMAT_VERSION,
     ATD_TYPES,
     ATD_TYPE_ID_BASE,
+    ATD_V1_TYPE_IDS,
     GGML_TYPE_COUNT_PATCHED,
     AtdType,
     UnknownAtdType,
@@ -20,6 +23,7 @@ from .atd import (
     is_atd_type_id,
     pack_blocks,
     unpack_blocks,
+    validate_blocks,
 )
 from ._native import native_available
 from .fit import DEFAULT_CANDIDATES, DEFAULT_ITERS, METHODS, fit_blocks, quantize
@@ -28,7 +32,10 @@ from .register import gguf_qtype, register_with_gguf
 __all__ = [
     "AtdType",
     "ATD_TYPES",
+    "ATD_FORMAT_VERSION",
     "ATD_TYPE_ID_BASE",
+    "ATD_V1_TYPE_IDS",
+    "ATD_ACT_TYPE_ID",
     "GGML_TYPE_COUNT_PATCHED",
     "UnknownAtdType",
     "atd_type",
@@ -41,6 +48,7 @@ __all__ = [
     "fit_blocks",
     "pack_blocks",
     "unpack_blocks",
+    "validate_blocks",
     "register_with_gguf",
     "gguf_qtype",
     "DEFAULT_ITERS",

@@ -164,7 +164,7 @@ def dequantize_rows(data: np.ndarray, atype: "AtdType | str | int") -> np.ndarra
 
 
 def validate_rows(data: np.ndarray, atype: "AtdType | str | int") -> bool:
-    """atd_validate_row over all rows: no code 3, no inf/NaN scale."""
+    """atd_validate_row over all rows: canonical base-3 bytes, zero padding trits, no inf/NaN scale."""
     t = atd_type(atype)
     L = _need_lib()
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
@@ -189,22 +189,20 @@ def fp16_bits_to_fp32(h: np.ndarray) -> np.ndarray:
 
 
 def quantize_q8(x: np.ndarray, block: int) -> np.ndarray:
-    """Activations for the dot kernels: q8_K (block 256) or q8_0 (block 64) of a float32 vector,
-    as raw bytes (atd_quantize_row_q8_K_ref / atd_quantize_row_q8_0_ref)."""
+    """Activations for the dot kernels: q8_K (block 256) or atd_q8_64 (block 64) of a float32 vector,
+    as raw bytes (atd_quantize_row_q8_K_ref / quantize_row_atd_q8_64)."""
     L = _need_lib()
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if block not in (256, 64):
+        raise ValueError(f"block must be 256 or 64, got {block}")
+    if x.size % block:
+        raise ValueError(f"activations for {block}-blocks need a multiple of {block} values")
     if block == 256:
-        if x.size % 256:
-            raise ValueError("q8_K needs a multiple of 256 values")
         y = np.zeros(x.size // 256 * ffi.sizeof("block_q8_K"), dtype=np.uint8)
         L.atd_quantize_row_q8_K_ref(_fptr(x), ffi.cast("block_q8_K *", ffi.from_buffer(y)), x.size)
-    elif block == 64:
-        if x.size % 32:
-            raise ValueError("q8_0 needs a multiple of 32 values")
-        y = np.zeros(x.size // 32 * ffi.sizeof("block_q8_0"), dtype=np.uint8)
-        L.atd_quantize_row_q8_0_ref(_fptr(x), ffi.cast("block_q8_0 *", ffi.from_buffer(y)), x.size)
     else:
-        raise ValueError(f"block must be 256 or 64, got {block}")
+        y = np.zeros(x.size // 64 * ffi.sizeof("block_atd_q8_64"), dtype=np.uint8)
+        L.quantize_row_atd_q8_64(_fptr(x), ffi.from_buffer(y), x.size)
     return y
 
 

@@ -1,15 +1,19 @@
-"""ATD (Adaptive Ternary Decomposition) tensor types: constants table and block codec.
+"""ATD (Adaptive Ternary Decomposition) tensor types: constants table and block codec (format version 2).
 
 A weight block of B weights is stored as N ternary planes T_i in {-1, 0, +1}^B with
 one fp16 scale alpha_i per plane:  w ~= sum_i alpha_i * T_i.
 
 Block layout (C, little-endian, no padding), see docs/atd-format.md:
 
-    ATD{N}     B = 256:  struct { ggml_half d[N]; uint8_t qs[N][64]; }   66*N bytes
-    ATD{N}_64  B = 64:   struct { ggml_half d[N]; uint8_t qs[N][16]; }   18*N bytes
+    ATD{N}     B = 256:  struct { uint8_t d[N][2]; uint8_t qs[N][52]; }   54*N bytes
+    ATD{N}_64  B = 64:   struct { uint8_t d[N][2]; uint8_t qs[N][13]; }   15*N bytes
 
-Byte j of plane i holds the 2-bit codes (t + 1) of elements j, j+B/4, j+2B/4, j+3B/4
-in bits 0-1, 2-3, 4-5, 6-7.  Code 3 is never written and is invalid.
+d[i] is the fp16 scale of plane i. A plane holds its B trits as S = ceil(B/5) base-3 bytes
+(5 trits per byte, 1.6 bits per trit): digit k (k = 0 most significant) of byte j is the code
+c = t + 1 of element S*k + j. The byte is stored as the 8-bit fixed-point fraction
+ceil(256 * v / 243) of its base-3 value v = sum_k c_k * 3^(4-k), so that digit k is
+((x_k * 3) >> 8) with x_0 = byte, x_{k+1} = (x_k * 3) mod 256. Slots S*k + j >= B are padding
+and hold code 0. Type ids start at 1000: mainline ggml uses 0..42, ik_llama.cpp 134..399.
 """
 
 from __future__ import annotations
@@ -21,22 +25,37 @@ import numpy as np
 __all__ = [
     "AtdType",
     "ATD_TYPES",
+    "ATD_FORMAT_VERSION",
     "ATD_TYPE_ID_BASE",
+    "ATD_V1_TYPE_IDS",
+    "ATD_ACT_TYPE_ID",
     "GGML_TYPE_COUNT_PATCHED",
+    "TRITS_PER_BYTE",
     "UnknownAtdType",
     "atd_type",
     "atd_type_for",
     "fallback_type_name_for",
+    "is_atd_type_id",
     "pack_blocks",
     "unpack_blocks",
     "dequantize",
     "dequantize_blocks",
+    "validate_blocks",
 ]
 
-#: first ggml type id used by ATD (ATD1); ids 200..207 are taken.
-ATD_TYPE_ID_BASE = 200
-#: GGML_TYPE_COUNT after the patch (highest ATD id + 1).
-GGML_TYPE_COUNT_PATCHED = 208
+#: version of the on-disk layout below (GGUF key atd.format_version)
+ATD_FORMAT_VERSION = 2
+#: first ggml type id used by ATD (ATD1); ATD1..ATD4 = 1000..1003, ATD1_64..ATD4_64 = 1004..1007.
+ATD_TYPE_ID_BASE = 1000
+#: ggml id of the runtime-only activation type of the 64 family (never stored in a file)
+ATD_ACT_TYPE_ID = 1008
+#: GGML_TYPE_COUNT after the patch (highest id + 1).
+GGML_TYPE_COUNT_PATCHED = 1009
+#: the ids format version 1 used (2 bits per trit); such files are refused with a re-convert message
+ATD_V1_TYPE_IDS = range(200, 208)
+#: trits per base-3 byte (3^5 = 243 <= 256)
+TRITS_PER_BYTE = 5
+_POW3 = np.array([81, 27, 9, 3, 1], dtype=np.int32)  # digit k weighs 3^(4-k)
 
 
 class UnknownAtdType(KeyError, ValueError):
@@ -46,10 +65,19 @@ class UnknownAtdType(KeyError, ValueError):
 @dataclass(frozen=True)
 class AtdType:
     name: str          # GGUF / gguf-py enum name, e.g. "ATD3" or "ATD3_64"
-    ggml_type: int     # ggml type id (200..207)
+    ggml_type: int     # ggml type id (1000..1007)
     planes: int        # N, number of ternary planes
     block_size: int    # B, weights per block (256 or 64)
-    type_size: int     # bytes per block
+
+    @property
+    def plane_bytes(self) -> int:
+        """Base-3 bytes per plane per block: ceil(B / 5) (52 or 13)."""
+        return -(-self.block_size // TRITS_PER_BYTE)
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block: N fp16 scales and N planes."""
+        return self.planes * (2 + self.plane_bytes)
 
     @property
     def bpw(self) -> float:
@@ -62,22 +90,14 @@ class AtdType:
         return self.name.lower()
 
     @property
-    def plane_bytes(self) -> int:
-        """Bytes of packed trits per plane per block (B/4)."""
-        return self.block_size // 4
-
-    @property
     def activation_type(self) -> str:
-        """ggml vec_dot activation type planned for the CPU kernels."""
-        return "q8_K" if self.block_size == 256 else "q8_0"
+        """ggml vec_dot activation type of the CPU kernels."""
+        return "q8_K" if self.block_size == 256 else "atd_q8_64"
 
 
 def _make_table() -> tuple[AtdType, ...]:
-    types = []
-    for n in range(1, 5):
-        types.append(AtdType(f"ATD{n}", ATD_TYPE_ID_BASE + n - 1, n, 256, n * (2 + 64)))
-    for n in range(1, 5):
-        types.append(AtdType(f"ATD{n}_64", ATD_TYPE_ID_BASE + 4 + n - 1, n, 64, n * (2 + 16)))
+    types = [AtdType(f"ATD{n}", ATD_TYPE_ID_BASE + n - 1, n, 256) for n in range(1, 5)]
+    types += [AtdType(f"ATD{n}_64", ATD_TYPE_ID_BASE + 4 + n - 1, n, 64) for n in range(1, 5)]
     return tuple(types)
 
 
@@ -91,7 +111,7 @@ assert len(_BY_TYPE_SIZE) == len(ATD_TYPES)  # type_size identifies the type uni
 
 
 def atd_type(name_or_id: "str | int | AtdType") -> AtdType:
-    """Look up an ATD type by name ("ATD3", "atd3_64"), ggml id (202) or enum member."""
+    """Look up an ATD type by name ("ATD3", "atd3_64"), ggml id (1002) or enum member."""
     if isinstance(name_or_id, AtdType):
         return name_or_id
     if isinstance(name_or_id, str):
@@ -102,13 +122,13 @@ def atd_type(name_or_id: "str | int | AtdType") -> AtdType:
     if isinstance(name_or_id, (int, np.integer)):  # includes IntEnum members
         t = _BY_ID.get(int(name_or_id))
         if t is None:
-            raise UnknownAtdType(f"ggml type id {int(name_or_id)} is not an ATD type (ATD ids are 200..207)")
+            raise UnknownAtdType(f"ggml type id {int(name_or_id)} is not an ATD type (ATD ids are 1000..1007)")
         return t
     raise UnknownAtdType(f"cannot look up an ATD type from {name_or_id!r}")
 
 
 def is_atd_type_id(type_id: int) -> bool:
-    """True for the ggml type ids of the ATD types (200..207)."""
+    """True for the ggml type ids of the ATD types (1000..1007)."""
     return int(type_id) in _BY_ID
 
 
@@ -149,6 +169,24 @@ def _check_trits_scales(trits: np.ndarray, scales: np.ndarray) -> tuple[int, int
     return nb, n, b
 
 
+def _byte_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ENCODE[v] (v = 0..242) -> stored byte; DIGITS[byte] -> its 5 codes; CANONICAL[byte]."""
+    v = np.arange(243, dtype=np.int64)
+    encode = ((v * 256 + 242) // 243).astype(np.uint8)  # ceil(256 v / 243)
+    x = np.arange(256, dtype=np.int64)
+    digits = np.empty((256, TRITS_PER_BYTE), dtype=np.uint8)
+    for k in range(TRITS_PER_BYTE):  # the decoder's arithmetic, exactly
+        digits[:, k] = (x * 3) >> 8
+        x = (x * 3) & 0xFF
+    canonical = np.zeros(256, dtype=bool)
+    canonical[encode] = True
+    assert (digits[encode].astype(np.int32) @ _POW3 == v).all()
+    return encode, digits, canonical
+
+
+_ENCODE, _DIGITS, _CANONICAL = _byte_tables()
+
+
 def pack_blocks(trits: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Pack trits (nblocks, N, B) in {-1,0,1} and fp16 scales (nblocks, N) into (nblocks, type_size) bytes."""
     trits = np.asarray(trits)
@@ -159,10 +197,13 @@ def pack_blocks(trits: np.ndarray, scales: np.ndarray) -> np.ndarray:
     t = trits.astype(np.int16, copy=False)
     if t.size and (t.min() < -1 or t.max() > 1):
         raise ValueError("trits must be in {-1, 0, +1}")
-    codes = (t + 1).astype(np.uint8).reshape(nb, n, 4, b // 4)
-    qs = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
+    s = -(-b // TRITS_PER_BYTE)
+    codes = np.zeros((nb, n, TRITS_PER_BYTE * s), dtype=np.int32)  # padding slots: code 0
+    codes[:, :, :b] = t + 1
+    v = np.tensordot(codes.reshape(nb, n, TRITS_PER_BYTE, s), _POW3, axes=([2], [0]))  # (nb, n, s)
+    qs = _ENCODE[v]
     d = np.ascontiguousarray(scales).astype("<f2", copy=False).view(np.uint8).reshape(nb, 2 * n)
-    return np.concatenate([d, qs.reshape(nb, n * (b // 4))], axis=1)
+    return np.concatenate([d, qs.reshape(nb, n * s)], axis=1)
 
 
 def _type_from_bytes(data: np.ndarray, atype: "AtdType | str | int | None") -> AtdType:
@@ -191,24 +232,56 @@ def _as_byte_rows(data) -> np.ndarray:
     return data
 
 
+def _block_problem(qs: np.ndarray, codes: np.ndarray, b: int) -> str | None:
+    """Why packed planes (nb, N, S) with their codes (nb, N, 5*S) are not a valid encoding, or None."""
+    if not _CANONICAL[qs].all():
+        bad = int(qs[~_CANONICAL[qs]][0])
+        return f"byte {bad} is not a canonical base-3 byte (the encoder never writes it)"
+    if (codes[:, :, b:] != 0).any():
+        return "a padding trit slot (element >= block size) is not code 0"
+    return None
+
+
 def unpack_blocks(data: np.ndarray, atype: "AtdType | str | int | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Unpack (nblocks, type_size) bytes into trits int8 (nblocks, N, B) and scales float16 (nblocks, N).
 
     The type is inferred from type_size (all eight ATD type sizes are distinct) unless given;
     with atype given, (rows, nbytes) row data and 1-D/bytes input are accepted too.
-    Raises ValueError on the invalid 2-bit code 3.
+    Raises ValueError on bytes the encoder never writes (non-canonical bytes, nonzero padding).
     """
     data = _as_byte_rows(data)
     t = _type_from_bytes(data, atype)
     data = data.reshape(-1, t.type_size)
-    nb, n, b = data.shape[0], t.planes, t.block_size
+    nb, n, b, s = data.shape[0], t.planes, t.block_size, t.plane_bytes
     scales = np.ascontiguousarray(data[:, : 2 * n]).view("<f2").astype(np.float16, copy=False).reshape(nb, n)
-    qs = data[:, 2 * n:].reshape(nb, n, 1, b // 4)
-    codes = (qs >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
-    if (codes == 3).any():
-        raise ValueError(f"{t.name}: invalid trit code 3 in packed data")
-    trits = codes.reshape(nb, n, b).astype(np.int8) - np.int8(1)
+    qs = data[:, 2 * n:].reshape(nb, n, s)
+    codes = _DIGITS[qs].transpose(0, 1, 3, 2).reshape(nb, n, TRITS_PER_BYTE * s)  # slot S*k + j
+    problem = _block_problem(qs, codes, b)
+    if problem is not None:
+        raise ValueError(f"{t.name}: invalid packed data: {problem}")
+    trits = codes[:, :, :b].astype(np.int8) - np.int8(1)
     return trits, scales
+
+
+def validate_blocks(data: np.ndarray, atype: "AtdType | str | int") -> str | None:
+    """Why ATD bytes (rows, nbytes) are malformed (non-canonical byte, nonzero padding, non-finite
+    scale), or None if every block is a valid encoding. The checks of ggml_validate_row_data."""
+    t = atd_type(atype)
+    data = _as_byte_rows(data)
+    if data.shape[-1] % t.type_size != 0:
+        return f"{data.shape[-1]} bytes per row is not a multiple of type_size {t.type_size}"
+    from . import _native  # the C validator first (fast); numpy only to name the problem
+
+    if _native.native_available() and _native.validate_rows(data, t):
+        return None
+    blocks = data.reshape(-1, t.type_size)
+    n, s = t.planes, t.plane_bytes
+    scales = np.ascontiguousarray(blocks[:, : 2 * n]).view("<f2")
+    if not np.isfinite(scales).all():
+        return "a non-finite (inf/NaN) fp16 scale"
+    qs = blocks[:, 2 * n:].reshape(-1, n, s)
+    return _block_problem(qs, _DIGITS[qs].transpose(0, 1, 3, 2).reshape(qs.shape[0], n, TRITS_PER_BYTE * s),
+                          t.block_size)
 
 
 def dequantize_blocks(data: np.ndarray, atype: "AtdType | str | int | None" = None) -> np.ndarray:

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Benchmark the ATD vec_dot kernels (ggml-ext/atd-dot.c) against ggml's own TQ2_0 and Q4_0.
+"""Benchmark the ATD vec_dot kernels (ggml-ext/atd-dot.c) against ggml's own TQ1_0, TQ2_0 and Q4_0,
+and against the format-1 ATD kernels (2-bit trits) of an earlier commit, in the same run.
 
-Single thread, one activation row (q8_K for B=256 and TQ2_0, q8_0 for B=64 and Q4_0):
+Single thread, one activation row (q8_K for B=256, TQ1_0 and TQ2_0; atd_q8_64 for B=64; q8_0 for
+Q4_0 and the format-1 B=64 kernels):
 
 * in cache: one row of 4096 weights, dotted many times; best of many short runs;
 * DRAM: a matrix of >= 512 MB of weight bytes (rows of 4096), one pass over all rows per run,
@@ -12,7 +14,8 @@ from the pinned llama.cpp source (scripts/llama_cpp_source.py), built once with 
 build/ggml-bench/ (shared libraries, no -march=native) and called through ctypes
 (ggml_get_type_traits_cpu(type)->vec_dot / from_float). The ATD kernels are compiled here
 from ggml-ext/*.c into build/ggml-bench/libatd-bench.so together with a small timing loop,
-so the loop overhead is the same C call per row for both.
+so the loop overhead is the same C call per row for both. The format-1 kernels are compiled the same
+way from `git show V1_COMMIT:ggml-ext/...` (a commit of this repository) into libatd-v1-bench.so.
 
 Usage:
     .venv/bin/python scripts/bench_kernels.py                 # full run, writes docs/bench-kernels.md
@@ -50,11 +53,12 @@ GGML_CMAKE_FLAGS = [
     "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
 ]
 
-GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_Q8_K, GGML_TYPE_TQ2_0 = 2, 8, 15, 35
+GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_Q8_K, GGML_TYPE_TQ1_0, GGML_TYPE_TQ2_0 = 2, 8, 15, 34, 35
+# the last commit with format-1 ATD kernels (2 bits per trit, ids 200..207)
+V1_COMMIT = "fee6ba8"
 PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON = 1, 2, 3, 4
 PATH_NAMES = {PATH_SCALAR: "scalar", PATH_AVX2: "AVX2", PATH_AVX512: "AVX-512", PATH_NEON: "NEON"}
-VARIANT_NAMES = {(PATH_AVX2, 1): "maddubs", (PATH_AVX2, 2): "AVX-VNNI", (PATH_AVX2, 3): "VL-VNNI ymm",
-                 (PATH_AVX512, 1): "shift", (PATH_AVX512, 2): "GFNI"}
+VARIANT_NAMES = {(PATH_AVX2, 1): "maddubs", (PATH_AVX2, 2): "AVX-VNNI", (PATH_AVX2, 3): "VL-VNNI ymm"}
 
 ROW = 4096
 
@@ -133,21 +137,38 @@ def ggml_libs() -> Path:
     return lib.parent
 
 
-def atd_lib() -> Path:
-    """ggml-ext/*.c + the timing loops as one shared library (rebuilt when a source is newer)."""
+def _build_lib(src_dir: Path, out: Path) -> Path:
+    """src_dir/*.c (+ atd.h) and the timing loops as one shared library (rebuilt when a source is newer)."""
     BUILD.mkdir(parents=True, exist_ok=True)
     helper = BUILD / "atd_bench_helper.c"
     if not helper.is_file() or helper.read_text() != HELPER_C:
         helper.write_text(HELPER_C)
-    sources = sorted(EXT.glob("*.c")) + [helper]
-    out = BUILD / "libatd-bench.so"
-    newest = max(p.stat().st_mtime for p in sources + [EXT / "atd.h"])
+    sources = sorted(src_dir.glob("*.c")) + [helper]
+    newest = max(p.stat().st_mtime for p in sources + [src_dir / "atd.h"])
     if not out.is_file() or out.stat().st_mtime < newest:
         # the flags of ggml-ext/build_ffi.py; no -march (paths are chosen at run time)
         cmd = ["gcc", "-std=gnu11", "-O3", "-ffp-contract=off", "-fno-fast-math", "-pthread", "-shared", "-fPIC",
-               "-I", str(EXT), *map(str, sources), "-o", str(out), "-lm"]
+               "-I", str(src_dir), *map(str, sources), "-o", str(out), "-lm"]
         subprocess.run(cmd, check=True)
     return out
+
+
+def atd_lib() -> Path:
+    return _build_lib(EXT, BUILD / "libatd-bench.so")
+
+
+def atd_v1_lib() -> Path | None:
+    """The format-1 kernels from V1_COMMIT (None if git or the commit is not available)."""
+    src = BUILD / f"ggml-ext-{V1_COMMIT}"
+    if not (src / "atd.h").is_file():
+        src.mkdir(parents=True, exist_ok=True)
+        for name in ("atd.h", "atd-dot.c", "atd-quants.c"):
+            proc = subprocess.run(["git", "-C", str(ROOT), "show", f"{V1_COMMIT}:ggml-ext/{name}"],
+                                  capture_output=True)
+            if proc.returncode != 0:
+                return None
+            (src / name).write_bytes(proc.stdout)
+    return _build_lib(src, BUILD / "libatd-v1-bench.so")
 
 
 # ------------------------------------------------------------------------------------ ctypes
@@ -175,20 +196,30 @@ class Libs:
         self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
         self.base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        self.atd = ctypes.CDLL(str(atd_lib()))
+        self.atd = self._atd(atd_lib())
+        self.atd.quantize_row_atd_q8_64.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        v1 = atd_v1_lib()
+        self.v1 = self._atd(v1) if v1 else None
+        if self.v1 is not None:
+            self.v1.atd_quantize_row_q8_0_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+
+    @staticmethod
+    def _atd(path: Path):
+        lib = ctypes.CDLL(str(path))
         vp, i, l_, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_size_t
         fp = ctypes.POINTER(ctypes.c_float)
-        self.atd.bench_atd.restype = ctypes.c_double
-        self.atd.bench_atd.argtypes = [i, vp, sz, l_, vp, i, i, i, l_, fp]
-        self.atd.bench_ggml.restype = ctypes.c_double
-        self.atd.bench_ggml.argtypes = [vp, i, vp, sz, l_, vp, l_, fp]
-        self.atd.atd_path_available.argtypes = [i]
-        self.atd.atd_dot_set_variant.argtypes = [i, i]
-        self.atd.atd_quantize_row_q8_K_ref.argtypes = [vp, vp, ctypes.c_int64]
-        self.atd.atd_quantize_row_q8_0_ref.argtypes = [vp, vp, ctypes.c_int64]
+        lib.bench_atd.restype = ctypes.c_double
+        lib.bench_atd.argtypes = [i, vp, sz, l_, vp, i, i, i, l_, fp]
+        lib.bench_ggml.restype = ctypes.c_double
+        lib.bench_ggml.argtypes = [vp, i, vp, sz, l_, vp, l_, fp]
+        lib.atd_path_available.argtypes = [i]
+        lib.atd_dot_set_variant.argtypes = [i, i]
+        lib.atd_quantize_row_q8_K_ref.argtypes = [vp, vp, ctypes.c_int64]
+        return lib
 
     def variant(self, path: int) -> str:
-        for v in (2, 1) if path == PATH_AVX512 else (2, 1) if path == PATH_AVX2 else ():
+        """The variant the path runs by default (AVX2: VNNI where the CPU has it)."""
+        for v in (2, 3, 1) if path == PATH_AVX2 else ():
             if self.atd.atd_dot_set_variant(path, v):
                 self.atd.atd_dot_set_variant(path, 0)
                 return VARIANT_NAMES[(path, v)]
@@ -219,6 +250,16 @@ def atd_chunk(rng, planes: int, block: int, rows: int) -> np.ndarray:
     return gguf_types.pack_blocks(trits, scales).reshape(-1)
 
 
+def atd_v1_chunk(rng, planes: int, block: int, rows: int) -> np.ndarray:
+    """The same for format 1: {fp16 d[N]; u8 qs[N][B/4]} with 2-bit codes 0..2 (any layout of
+    valid codes times the same work)."""
+    nb = rows * ROW // block
+    codes = rng.integers(0, 3, (nb, planes, block // 4, 4)).astype(np.uint8)
+    qs = codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6
+    d = (rng.standard_normal((nb, planes)) * 0.02).astype("<f2").view(np.uint8).reshape(nb, 2 * planes)
+    return np.concatenate([d, qs.reshape(nb, -1)], axis=1).reshape(-1)
+
+
 def ggml_chunk(libs: Libs, rng, gtype: int, rows: int) -> np.ndarray:
     x = rng.standard_normal(rows * ROW).astype(np.float32) * 0.02
     row_bytes = libs.base.ggml_row_size(gtype, ROW)
@@ -227,23 +268,26 @@ def ggml_chunk(libs: Libs, rng, gtype: int, rows: int) -> np.ndarray:
     return out
 
 
-def activations(libs: Libs, rng, act_type: int, ggml_from_float: int | None) -> np.ndarray:
+def activations(libs: Libs, rng, act_type: int | str, ggml_from_float: int | None = None) -> np.ndarray:
+    """One activation row: ggml's from_float, or q8_K / atd_q8_64 / (format-1) q8_0 from the ATD libraries."""
     x = rng.standard_normal(ROW).astype(np.float32)
-    nbytes = ROW // 256 * 292 if act_type == GGML_TYPE_Q8_K else ROW // 32 * 34
+    nbytes = {GGML_TYPE_Q8_K: ROW // 256 * 292, "atd_q8_64": ROW // 64 * 112}.get(act_type, ROW // 32 * 34)
     y = np.zeros(nbytes + 64, dtype=np.uint8)
     if ggml_from_float:
         FromFloat(ggml_from_float)(ptr(x), ptr(y), ROW)
     elif act_type == GGML_TYPE_Q8_K:
         libs.atd.atd_quantize_row_q8_K_ref(ptr(x), ptr(y), ROW)
+    elif act_type == "atd_q8_64":
+        libs.atd.quantize_row_atd_q8_64(ptr(x), ptr(y), ROW)
     else:
-        libs.atd.atd_quantize_row_q8_0_ref(ptr(x), ptr(y), ROW)
+        libs.v1.atd_quantize_row_q8_0_ref(ptr(x), ptr(y), ROW)
     return y
 
 
 # ------------------------------------------------------------------------------------ timing
 #
-# Other processes may share this machine, so every kernel is timed in alternation with the TQ2_0
-# reference (run k, run TQ2_0, run k, ...), best of each: the ratio compares like with like even
+# Other processes may share this machine, so every kernel is timed in alternation with the TQ1_0
+# reference (run k, run TQ1_0, run k, ...), best of each: the ratio compares like with like even
 # when the load changes between kernels.
 
 
@@ -271,8 +315,9 @@ def paired_best(run_k, run_ref, runs: int, target_s: float | None) -> tuple[floa
 class Kernel:
     """One kernel: in-cache row and DRAM matrix, timed by the C loops of HELPER_C."""
 
-    def __init__(self, libs, chunk, row_bytes, y, fn=None, planes=0, block=0, path=0):
+    def __init__(self, libs, chunk, row_bytes, y, fn=None, planes=0, block=0, path=0, lib=None):
         self.libs, self.chunk, self.row_bytes, self.y = libs, chunk, row_bytes, y
+        self.lib = lib or libs.atd  # the ATD library (format 2, or format 1)
         self.fn, self.planes, self.block, self.path = fn, planes, block, path
         self.buf, self.nrows = None, 0
         self.out = ctypes.c_float()
@@ -281,8 +326,8 @@ class Kernel:
         if self.fn is not None:
             return self.libs.atd.bench_ggml(self.fn, ROW, ptr(x), self.row_bytes, nrows, ptr(self.y), reps,
                                             ctypes.byref(self.out))
-        return self.libs.atd.bench_atd(ROW, ptr(x), self.row_bytes, nrows, ptr(self.y), self.planes, self.block,
-                                       self.path, reps, ctypes.byref(self.out))
+        return self.lib.bench_atd(ROW, ptr(x), self.row_bytes, nrows, ptr(self.y), self.planes, self.block,
+                                  self.path, reps, ctypes.byref(self.out))
 
     def cache(self, reps):
         return self._call(self.chunk, 1, reps)
@@ -317,10 +362,10 @@ def main() -> int:
         y = activations(libs, rng, tr.vec_dot_type, tr.from_float)
         return Kernel(libs, ggml_chunk(libs, rng, gtype, 64), libs.base.ggml_row_size(gtype, ROW), y, fn=tr.vec_dot)
 
-    ref = ggml_kernel(GGML_TYPE_TQ2_0)
+    ref = ggml_kernel(GGML_TYPE_TQ1_0)
     if dram:
         ref.alloc(dram_bytes)
-    rows = []  # (kernel, path, planes, bpw, cache Gw/s, TQ2_0 cache Gw/s, DRAM Gw/s, TQ2_0 DRAM Gw/s)
+    rows = []  # (kernel, path, planes, bpw, cache Gw/s, TQ1_0 cache Gw/s, DRAM Gw/s, TQ1_0 DRAM Gw/s)
 
     def measure(name, path, planes, bpw, k: Kernel, scalar=False):
         ck, cr = paired_best(k.cache, ref.cache, max(5, cache_runs // 10) if scalar else cache_runs, 0.002)
@@ -333,23 +378,31 @@ def main() -> int:
             k.free()
         rows.append((name, path, planes, bpw, c, c_ref, d, d_ref))
         pn = path if isinstance(path, str) else PATH_NAMES[path]
-        print(f"  {name:8s} {pn:8s} {c:7.1f} Gw/s in cache (TQ2_0 {c_ref:.1f})"
-              + (f", DRAM {d:6.2f} (TQ2_0 {d_ref:.2f})" if dram else ""), file=sys.stderr)
+        print(f"  {name:11s} {pn:8s} {c:7.1f} Gw/s in cache (TQ1_0 {c_ref:.1f})"
+              + (f", DRAM {d:6.2f} (TQ1_0 {d_ref:.2f})" if dram else ""), file=sys.stderr)
 
-    print("kernels, each timed alternately with ggml TQ2_0 ...", file=sys.stderr)
-    measure("TQ2_0", "ggml", 1, libs.base.ggml_row_size(GGML_TYPE_TQ2_0, ROW) * 8 / ROW, ggml_kernel(GGML_TYPE_TQ2_0))
-    measure("Q4_0", "ggml", 1, libs.base.ggml_row_size(GGML_TYPE_Q4_0, ROW) * 8 / ROW, ggml_kernel(GGML_TYPE_Q4_0))
+    print("kernels, each timed alternately with ggml TQ1_0 ...", file=sys.stderr)
+    for gtype, gname in ((GGML_TYPE_TQ1_0, "TQ1_0"), (GGML_TYPE_TQ2_0, "TQ2_0"), (GGML_TYPE_Q4_0, "Q4_0")):
+        measure(gname, "ggml", 1, libs.base.ggml_row_size(gtype, ROW) * 8 / ROW, ggml_kernel(gtype))
 
     paths = [p for p in (PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON) if libs.atd.atd_path_available(p)]
+    simd = [p for p in paths if p != PATH_SCALAR]
     for block in (256, 64):
         for planes in (1, 2, 3, 4):
             name = f"ATD{planes}" + ("_64" if block == 64 else "")
             t = gguf_types.atd_type(name)
             chunk = atd_chunk(rng, planes, block, 64)
-            y = activations(libs, rng, GGML_TYPE_Q8_K if block == 256 else GGML_TYPE_Q8_0, None)
+            y = activations(libs, rng, GGML_TYPE_Q8_K if block == 256 else "atd_q8_64")
             for path in paths:
                 k = Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block, path=path)
                 measure(name, path, planes, t.bpw, k, scalar=path == PATH_SCALAR)
+            if libs.v1 is not None and planes in (2, 3):  # format 1 (2 bits per trit), same run
+                v1_bytes = planes * (2 + block // 4)
+                y1 = activations(libs, rng, GGML_TYPE_Q8_K if block == 256 else GGML_TYPE_Q8_0)
+                for path in simd:
+                    k = Kernel(libs, atd_v1_chunk(rng, planes, block, 64), ROW // block * v1_bytes, y1,
+                               planes=planes, block=block, path=path, lib=libs.v1)
+                    measure(name + " v1", path, planes, v1_bytes * 8 / block, k)
 
     md = report(libs, rows, dram, args)
     print(md)
@@ -380,27 +433,28 @@ def report(libs: Libs, rows, dram: bool, args) -> str:
         v = libs.variant(path)
         return PATH_NAMES[path] + (f" ({v})" if v else "")
 
-    tq = next(r for r in rows if r[0] == "TQ2_0")
+    tq = next(r for r in rows if r[0] == "TQ1_0")
     lines = [
-        "# vec_dot kernel throughput: ATD vs ggml TQ2_0 / Q4_0",
+        "# vec_dot kernel throughput: ATD vs ggml TQ1_0 / TQ2_0 / Q4_0 and the format-1 ATD kernels",
         "",
         "Generated by `scripts/bench_kernels.py`: single thread, one q8 activation row, rows of 4096 weights.",
         "",
         f"* Machine: {machine()}.",
         f"* ATD paths: {', '.join(pathname(p) for p in PATH_NAMES if libs.atd.atd_path_available(p))}"
         " (`ggml-ext/atd-dot.c`, gcc -O3, runtime dispatch); ggml: the pinned llama.cpp's own x86 kernels"
-        " (built with AVX2/AVX-512/VNNI flags, no -march=native).",
+        " (built with AVX2/AVX-512/VNNI flags, no -march=native). Rows marked v1 are the format-1 kernels"
+        f" (2 bits per trit) of commit {V1_COMMIT}, compiled the same way, measured in the same run.",
         "* **in cache**: one row dotted repeatedly, best of many ~2 ms runs;"
         + (f" **DRAM**: one pass over a {args.dram_mb} MB matrix of weight bytes, the whole pass timed,"
            f" best of {args.dram_runs} (scalar: 1)." if dram else " DRAM not measured (--quick)."),
         "* Gw/s = Gweights/s of the weight row. **per plane** = Gw/s x N (ATD decodes N ternary planes per weight)."
-        " **vs TQ2_0** = per-plane rate / the TQ2_0 rate measured alternately with that kernel (the machine may"
-        " be shared, so every kernel is paired with its own TQ2_0 runs). DRAM GB/s = weight bytes per second.",
-        f"* TQ2_0 reference over all pairings: in cache {max(r[5] for r in rows):.1f} Gw/s"
+        " **vs TQ1_0** = per-plane rate / the TQ1_0 rate measured alternately with that kernel (the machine may"
+        " be shared, so every kernel is paired with its own TQ1_0 runs). DRAM GB/s = weight bytes per second.",
+        f"* TQ1_0 reference over all pairings: in cache {max(r[5] for r in rows):.1f} Gw/s"
         + (f", DRAM {max(r[7] for r in rows):.2f} Gw/s ({max(r[7] for r in rows) * tq[3] / 8:.1f} GB/s)" if dram
            else "") + ".",
         "",
-        "| kernel | path | bpw | in cache Gw/s | per plane | vs TQ2_0 | DRAM Gw/s | DRAM GB/s | DRAM per plane | vs TQ2_0 |",
+        "| kernel | path | bpw | in cache Gw/s | per plane | vs TQ1_0 | DRAM Gw/s | DRAM GB/s | DRAM per plane | vs TQ1_0 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, path, planes, bpw, c, c_ref, d, d_ref in rows:
@@ -418,19 +472,20 @@ NOTES = """## Notes
 * **Exact results.** Every ATD path returns the same float bits as the scalar reference: the integer
   plane sums are exact, and the float combination (per block: sum_i alpha_i * isum_i, times d_y, added
   to one of four block-interleaved double accumulators) uses only products that are exact in the
-  precision used, so FMA contraction and vector width cannot change a bit. The SIMD paths pay for
-  this with one horizontal reduction per block and plane (done for 4 blocks at a time) and a short
-  scalar-ordered double combination per block; ggml's TQ2_0 instead accumulates float vectors
-  across blocks. This per-block cost weighs most on N = 1 and on B = 64.
-* **B = 64** (ATD*_64 against q8_0): every 32 activations carry their own fp16 scale, so each 64-weight
-  block needs two integer sums per plane, the sum of q per 32 (q8_0 has no bsums) and its own
-  combination - about 4x the per-weight bookkeeping of B = 256. Its rates are in the range of ggml's
-  Q4_0 x Q8_0 kernel rather than TQ2_0's.
+  precision used, so FMA contraction and vector width cannot change a bit. The SIMD paths keep the
+  integer sums of up to 64 blocks and combine them 4 blocks at a time; ggml's kernels instead
+  accumulate float vectors across blocks.
+* **Decoding base-3 bytes** (format 2): a byte b holding 5 trits sits in a 16-bit lane as b << 8;
+  mulhi(lane, 3) is its top digit and lane * 3 (two adds) moves to the next digit. Even and odd bytes
+  take one lane set each, so a digit of 32 (64) bytes costs two vpmulhuw, one or/ternlog and four adds
+  before the vpdpbusd. ggml's TQ1_0 decodes its base-3 bytes with byte multiplies and averages.
+* **B = 64** (ATD*_64 against atd_q8_64): the activations come in 64-blocks stored by digit (16 bytes per
+  digit, zeros in the lanes no trit meets), with their sum precomputed, so a block's decode needs no
+  masks and no per-32 bookkeeping; AVX-512 decodes four blocks per zmm.
 * **DRAM**: one core can stream at most about the highest GB/s in the table. Rows near it are
-  memory-bound (there ATD{N} moves N times the bytes of TQ2_0 per weight, so per plane it keeps pace);
-  rows well below it (N = 1, B = 64, scalar) are still compute-bound when streaming. DRAM bandwidth
-  is shared with whatever else runs on the machine, so DRAM columns are noisier than in-cache ones.
-* The TQ2_0 row's own "vs TQ2_0" (the kernel paired with itself) shows the measurement noise.
+  memory-bound; rows well below it (scalar) are still compute-bound when streaming. DRAM bandwidth is
+  shared with whatever else runs on the machine, so DRAM columns are noisier than in-cache ones.
+* The TQ1_0 row's own "vs TQ1_0" (the kernel paired with itself) shows the measurement noise.
 * ggml is built with `GGML_AVX_VNNI` only when the CPU has AVX-VNNI: with it ggml's Q4_0 kernel
   uses the VEX `vpdpbusd`, an illegal instruction on CPUs (such as AMD Zen 4) that have AVX512-VNNI
   but not AVX-VNNI.

@@ -37,23 +37,32 @@ def _random_scales(rng, shape) -> np.ndarray:
 def test_constants_table():
     assert len(G.ATD_TYPES) == 8
     ids = [t.ggml_type for t in G.ATD_TYPES]
-    assert ids == list(range(200, 208))
-    assert G.GGML_TYPE_COUNT_PATCHED == 208
+    # format 2: ids 1000..1007, clear of mainline ggml (0..42) and ik_llama.cpp (134..399)
+    assert ids == list(range(1000, 1008))
+    assert G.ATD_FORMAT_VERSION == 2
+    assert G.ATD_ACT_TYPE_ID == 1008 and G.GGML_TYPE_COUNT_PATCHED == 1009
+    assert not set(ids) & set(G.ATD_V1_TYPE_IDS)
     for n in ALL_N:
         t = G.atd_type(f"ATD{n}")
-        assert (t.ggml_type, t.planes, t.block_size, t.type_size) == (199 + n, n, 256, 66 * n)
-        assert t.bpw == pytest.approx(2.0625 * n)
-        assert t.ggml_name == f"atd{n}"
+        # N fp16 scales + N planes of ceil(256/5) = 52 base-3 bytes
+        assert (t.ggml_type, t.planes, t.block_size, t.type_size) == (999 + n, n, 256, 54 * n)
+        assert t.bpw == pytest.approx(1.6875 * n)
+        assert t.plane_bytes == 52 and t.ggml_name == f"atd{n}"
         t64 = G.atd_type(f"atd{n}_64")
-        assert (t64.ggml_type, t64.planes, t64.block_size, t64.type_size) == (203 + n, n, 64, 18 * n)
-        assert t64.bpw == pytest.approx(2.25 * n)
-        assert t64.ggml_name == f"atd{n}_64"
+        # ceil(64/5) = 13 bytes per plane
+        assert (t64.ggml_type, t64.planes, t64.block_size, t64.type_size) == (1003 + n, n, 64, 15 * n)
+        assert t64.bpw == pytest.approx(1.875 * n)
+        assert t64.plane_bytes == 13 and t64.ggml_name == f"atd{n}_64"
+        # trits are stored at <= 1.7 bits each (the issue's bound), 1.6 bits in every full byte
+        assert 8 * t.plane_bytes / 256 <= 1.7 and 8 * t64.plane_bytes / 64 <= 1.7
         assert G.atd_type(t.ggml_type) is t and G.atd_type(t64) is t64
         assert G.atd_type(gguf.GGMLQuantizationType(t.ggml_type)) is t
     with pytest.raises(KeyError):
         G.atd_type("Q4_0")
     with pytest.raises(ValueError):
         G.atd_type(8)
+    with pytest.raises(ValueError):
+        G.atd_type(202)  # a format-1 id
 
 
 def test_atd_type_for():
@@ -90,6 +99,41 @@ def test_pack_unpack_roundtrip(n, b):
     assert np.array_equal(t3, trits) and np.array_equal(s3.view(np.uint16), scales.view(np.uint16))
 
 
+def _spec_byte(codes5) -> int:
+    """The stored byte of 5 codes (digit 0 most significant): ceil(256 v / 243), v their base-3 value."""
+    v = 0
+    for c in codes5:
+        v = 3 * v + c
+    return -(-256 * v // 243)
+
+
+def _spec_digits(byte: int) -> list[int]:
+    """The decoder's digits of a byte: x_0 = byte, code = (3 x) >> 8, x_{k+1} = 3 x mod 256."""
+    out, x = [], byte
+    for _ in range(5):
+        out.append((3 * x) >> 8)
+        x = (3 * x) & 0xFF
+    return out
+
+
+def test_base3_bytes_exhaustive():
+    """Every 5-code combination encodes to a byte that decodes back to it; 13 byte values are unused."""
+    seen = set()
+    for v in range(243):
+        codes = [(v // 3 ** (4 - k)) % 3 for k in range(5)]
+        byte = _spec_byte(codes)
+        assert 0 <= byte <= 255 and _spec_digits(byte) == codes
+        seen.add(byte)
+    assert len(seen) == 243
+    unused = sorted(set(range(256)) - seen)
+    assert unused == [1, 20, 40, 60, 79, 99, 119, 138, 158, 178, 197, 217, 237]
+    for byte in unused:  # an unused byte is rejected by the reference decoder
+        data = G.pack_blocks(np.zeros((1, 1, 64), np.int8), np.ones((1, 1), np.float16))
+        data[0, 2] = byte
+        with pytest.raises(ValueError, match="canonical"):
+            G.unpack_blocks(data)
+
+
 @pytest.mark.parametrize("b", BLOCK_SIZES)
 @pytest.mark.parametrize("n", ALL_N)
 def test_byte_layout_by_hand(n, b):
@@ -97,31 +141,46 @@ def test_byte_layout_by_hand(n, b):
     rng = np.random.default_rng(7 + n + b)
     trits = rng.integers(-1, 2, size=(n, b))
     scales = [float(x) for x in rng.standard_normal(n)]
-    q = b // 4
-    expected = bytearray(2 * n + n * q)
+    S = -(-b // 5)  # bytes per plane
+    expected = bytearray(2 * n + n * S)
     for i, s in enumerate(scales):
-        half = np.array([s], dtype="<f2").tobytes()  # ggml_half d[i], little endian
-        expected[2 * i:2 * i + 2] = half
+        expected[2 * i:2 * i + 2] = np.array([s], dtype="<f2").tobytes()  # fp16 d[i], little endian
     for i in range(n):
-        for j in range(b):
-            code = int(trits[i, j]) + 1
-            byte = 2 * n + i * q + j % q
-            expected[byte] |= code << (2 * (j // q))
+        for j in range(S):
+            # digit k of byte j is element S*k + j; slots past the block hold code 0
+            codes = [int(trits[i, S * k + j]) + 1 if S * k + j < b else 0 for k in range(5)]
+            expected[2 * n + i * S + j] = _spec_byte(codes)
     got = G.pack_blocks(trits[None].astype(np.int8), np.array([scales], dtype=np.float16))
     assert bytes(got[0]) == bytes(expected)
-    # and the shift view: (qs >> 2k) & 3 over a plane's bytes = elements k*B/4 .. k*B/4 + B/4 - 1
-    plane0 = np.frombuffer(bytes(expected[2 * n:2 * n + q]), dtype=np.uint8)
-    for k in range(4):
-        assert np.array_equal(((plane0 >> (2 * k)) & 3).astype(int) - 1, trits[0, k * q:(k + 1) * q])
+    # and the decoder's view: digit k over a plane's bytes = elements S*k .. S*k + S - 1
+    plane0 = bytes(expected[2 * n:2 * n + S])
+    digits = np.array([_spec_digits(x) for x in plane0])  # (S, 5)
+    for k in range(5):
+        lo, hi = S * k, min(b, S * (k + 1))
+        assert np.array_equal(digits[: hi - lo, k] - 1, trits[0, lo:hi])
+        assert (digits[hi - lo:, k] == 0).all()  # padding slots
 
 
-def test_unpack_rejects_code_3():
+def test_unpack_rejects_malformed_blocks():
     data = G.pack_blocks(np.zeros((1, 2, 256), np.int8), np.ones((1, 2), np.float16))
-    data[0, 4 + 10] |= 0b11 << 4
-    with pytest.raises(ValueError, match="code 3"):
-        G.unpack_blocks(data)
+    bad = data.copy()
+    bad[0, 4 + 10] = 40  # never written by the encoder
+    with pytest.raises(ValueError, match="canonical"):
+        G.unpack_blocks(bad)
     with pytest.raises(ValueError):
-        G.dequantize(data, G.atd_type("ATD2"))
+        G.dequantize(bad, G.atd_type("ATD2"))
+    assert "canonical" in G.validate_blocks(bad, "ATD2")
+    bad = data.copy()
+    bad[0, 4 + 52 + 50] = _spec_byte([1, 1, 1, 1, 2])  # byte 50 of plane 1: its last digit is element 258
+    with pytest.raises(ValueError, match="padding"):
+        G.unpack_blocks(bad)
+    assert "padding" in G.validate_blocks(bad, "ATD2")
+    bad = data.copy()
+    bad[0, 2:4] = np.array([np.inf], dtype="<f2").view(np.uint8)
+    assert "non-finite" in G.validate_blocks(bad, "ATD2")
+    with pytest.raises(ValueError, match="non-finite"):
+        G.dequantize(bad, "ATD2")
+    assert G.validate_blocks(data, "ATD2") is None
 
 
 def test_pack_rejects_bad_input():
@@ -227,7 +286,10 @@ def test_zero_block(n, method):
         assert np.all(scales[blk].view(np.uint16) == 0)  # +0.0 scales
         assert np.all(trits[blk] == 0)
         raw = data.reshape(-1, t.type_size)[blk]
-        assert np.all(raw[2 * n:] == 0b01010101)  # all codes 1
+        # all codes 1: 11111 (base 3) = 121 -> byte 128; bytes 48..51 end in a padding 0: 11110 -> 127
+        planes = raw[2 * n:].reshape(n, 52)
+        assert _spec_byte([1, 1, 1, 1, 1]) == 128 and _spec_byte([1, 1, 1, 1, 0]) == 127
+        assert np.all(planes[:, :48] == 128) and np.all(planes[:, 48:] == 127)
     y = G.dequantize(data, t)
     assert np.all(y[0, 256:] == 0) and np.all(y[1, :256] == 0)
     assert _rel_rmse(w[0, :256], y[0, :256]) < 0.5
@@ -510,11 +572,14 @@ def test_register_enum_and_sizes():
     G.register_with_gguf()
     G.register_with_gguf()  # idempotent
     Q = gguf.GGMLQuantizationType
-    assert Q(200).name == "ATD1"
-    assert Q(203).name == "ATD4"
-    assert Q(204).name == "ATD1_64" and Q(207).name == "ATD4_64"
-    assert Q["ATD3"] is Q(202) and Q.ATD3 == 202
-    assert isinstance(Q(202), Q) and int(Q(202)) == 202
+    assert Q(1000).name == "ATD1"
+    assert Q(1003).name == "ATD4"
+    assert Q(1004).name == "ATD1_64" and Q(1007).name == "ATD4_64"
+    assert Q["ATD3"] is Q(1002) and Q.ATD3 == 1002
+    assert isinstance(Q(1002), Q) and int(Q(1002)) == 1002
+    for v1_id in G.ATD_V1_TYPE_IDS:  # format 1's ids are not registered: such files are refused
+        with pytest.raises(ValueError):
+            Q(v1_id)
     assert gguf.GGML_QUANT_SIZES is gguf.constants.GGML_QUANT_SIZES
     for t in G.ATD_TYPES:
         assert gguf.GGML_QUANT_SIZES[Q(t.ggml_type)] == (t.block_size, t.type_size)

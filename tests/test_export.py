@@ -37,7 +37,7 @@ def write_atd_gguf(path: Path, *, alignment: int | None = None, endianess=gguf.G
     if alignment is not None:
         writer.add_custom_alignment(alignment)
     writer.add_name("Export Test")
-    writer.add_file_type(202)
+    writer.add_file_type(1001)
     writer.add_block_count(1)
     writer.add_float32("llama.rope.freq_base", 500000.0)
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
@@ -228,11 +228,13 @@ def test_not_a_gguf(tmp_path):
     assert_no_output(out)
 
 
-def test_invalid_atd_data(tmp_path):
-    src, out = tmp_path / "random.gguf", tmp_path / "out.gguf"
-    write_tiny_gguf(src)  # its ATD2 tensor is random bytes: trit code 3 appears
+@pytest.mark.parametrize("bad_byte", [40, 237])  # two of the 13 bytes the encoder never writes
+def test_invalid_atd_data(tmp_path, bad_byte):
+    src, out = tmp_path / "bad.gguf", tmp_path / "out.gguf"
+    write_tiny_gguf(src, bad_byte=bad_byte)
     assert_one_line_error(export(src, out), "blk.0.attn_q.weight", "invalid ATD2 data")
     assert_no_output(out)
+    assert_one_line_error(run_cli("inspect", src), "blk.0.attn_q.weight", "ATD2", "canonical")
 
 
 def test_no_atd_tensors(tmp_path):

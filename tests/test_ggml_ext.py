@@ -74,7 +74,7 @@ def test_extension_is_built_and_used():
     lib = _native.lib
     for name in ("atd_quantize_row_ref", "atd_quantize_rows", "atd_dequantize_row", "atd_validate_row",
                  "atd_fp16_to_fp32", "atd_fp32_to_fp16", "atd_vec_dot", "atd_vec_dot_path", "atd_path_available",
-                 "atd_selected_path", "atd_set_path", "atd_quantize_row_q8_K_ref", "atd_quantize_row_q8_0_ref"):
+                 "atd_selected_path", "atd_set_path", "atd_quantize_row_q8_K_ref", "quantize_row_atd_q8_64"):
         assert hasattr(lib, name), name
     for t in G.ATD_TYPES:
         for fn in (f"quantize_row_{t.ggml_name}_ref", f"quantize_{t.ggml_name}", f"dequantize_row_{t.ggml_name}"):
@@ -100,7 +100,7 @@ def test_block_sizes_match_type_table():
     for t in G.ATD_TYPES:
         assert ffi.sizeof(f"block_{t.ggml_name}") == t.type_size, t.name
     assert ffi.sizeof("block_q8_K") == 4 + 256 + 2 * 16
-    assert ffi.sizeof("block_q8_0") == 2 + 32
+    assert ffi.sizeof("block_atd_q8_64") == 2 * 4 + 2 * 4 + 6 * 16  # d[2], sum[2], qs[group][16]
 
 
 # ----------------------------------------------------------------------------- fit: C == numpy
@@ -237,18 +237,32 @@ def test_dequantize_bit_exact(n, b):
     assert np.array_equal(_native.dequantize_rows(q, t).view(np.uint32), G.dequantize(q, t).view(np.uint32))
 
 
+# the 13 byte values the encoder never writes: 256 values hold the 243 base-3 bytes ceil(256 v / 243)
+NONCANONICAL = sorted(set(range(256)) - {-(-256 * v // 243) for v in range(243)})
+
+
 @pytest.mark.parametrize("b", (256, 64))
-def test_validate_rejects_code3_and_nonfinite_scales(b):
+def test_validate_rejects_malformed_blocks(b):
     t = _type(2, b)
+    S = t.plane_bytes
     data = G.quantize(np.random.default_rng(1).standard_normal((2, 2 * b)).astype(np.float32), t)
     assert _native.validate_rows(data, t)
     flat = data.reshape(-1, t.type_size)
-    for byte, shift in ((4, 0), (4 + b // 4 - 1, 6), (t.type_size - 1, 2)):
-        bad = flat.copy()
-        bad[1, byte] |= np.uint8(3 << shift)
-        assert not _native.validate_rows(bad, t)
-        with pytest.raises(ValueError):
-            G.dequantize(bad.reshape(2, -1), t)
+    for byte in (4, 4 + S - 1, t.type_size - 1):
+        for value in (NONCANONICAL[0], NONCANONICAL[-1]):
+            bad = flat.copy()
+            bad[1, byte] = value
+            assert not _native.validate_rows(bad, t)
+            assert G.validate_blocks(bad, t) is not None
+            with pytest.raises(ValueError):
+                G.dequantize(bad.reshape(2, -1), t)
+    # the last byte of a plane holds a padding slot in its last digit: code 1 there is invalid
+    bad = flat.copy()
+    bad[1, 4 + S - 1] = -(-256 * (3 * 40 + 1) // 243)  # digits 1111 then 1
+    assert not _native.validate_rows(bad, t)
+    assert "padding" in G.validate_blocks(bad, t)
+    with pytest.raises(ValueError, match="padding"):
+        G.dequantize(bad.reshape(2, -1), t)
     for scale_bits in (0x7C00, 0xFC00, 0x7E00):
         bad = flat.copy()
         bad[2, 2:4] = np.frombuffer(struct.pack("<H", scale_bits), np.uint8)

@@ -30,8 +30,11 @@ PATH_NAMES = {PATH_SCALAR: "scalar", PATH_AVX2: "avx2", PATH_AVX512: "avx512", P
 MAX_VARIANTS = 3
 
 Q8_K = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
-Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
-assert Q8_K.itemsize == 292 and Q8_0.itemsize == 34
+# the 64 family's activations: a scale and a sum per 32, six 16-byte groups: digit k of byte j (element
+# 13k + j) in group k, except digit 2, split at element 32 into groups 2 (j < 6) and 3; then 3, 4 -> 4, 5
+ATD_Q8_64 = np.dtype([("d", "<f4", 2), ("sum", "<i4", 2), ("qs", "i1", (6, 16))])
+ELEMENT_LANES = np.array([16 * ((e // 13) if e < 32 else (e // 13) + 1) + e % 13 for e in range(64)])
+assert Q8_K.itemsize == 292 and ATD_Q8_64.itemsize == 112
 
 TYPES = [(n, b) for b in (256, 64) for n in (1, 2, 3, 4)]
 
@@ -70,7 +73,7 @@ def atd():
     import cffi
 
     ffi2 = cffi.FFI()
-    wrappers = [f"atd{n}_q8_K" for n in range(1, 5)] + [f"atd{n}_64_q8_0" for n in range(1, 5)]
+    wrappers = [f"atd{n}_q8_K" for n in range(1, 5)] + [f"atd{n}_64_atd_q8_64" for n in range(1, 5)]
     ffi2.cdef("int atd_dot_set_variant(int path, int variant);\n" + "".join(
         f"void ggml_vec_dot_{w}(int n, float * s, size_t bs, const void * vx, size_t bx, "
         f"const void * vy, size_t by, int nrc);\n" for w in wrappers))
@@ -111,12 +114,15 @@ def _activations(lib, ffi, rng, block, n, kind="random"):
             arr["bsums"] = arr["qs"].reshape(-1, 16, 16).astype(np.int32).sum(-1)
         act = (arr["d"].astype(np.float64)[:, None] * arr["qs"]).reshape(-1)
     else:
-        y = ffi.new("block_q8_0[]", n // 32)
-        lib.atd_quantize_row_q8_0_ref(xp, y, n)
-        arr = np.frombuffer(ffi.buffer(y), dtype=Q8_0)
-        if kind == "extreme":
-            arr["qs"] = np.where(rng.random(arr["qs"].shape) < 0.5, -128, 127)
-        act = (arr["d"].astype(np.float64)[:, None] * arr["qs"]).reshape(-1)
+        y = ffi.new("block_atd_q8_64[]", n // 64)
+        lib.quantize_row_atd_q8_64(xp, y, n)
+        arr = np.frombuffer(ffi.buffer(y), dtype=ATD_Q8_64)
+        qs = arr["qs"].reshape(-1, 96)
+        if kind == "extreme":  # full int8 range incl. -128 in the 64 element lanes, consistent sums
+            qs[:, ELEMENT_LANES] = np.where(rng.random((qs.shape[0], 64)) < 0.5, -128, 127)
+            arr["sum"] = qs[:, ELEMENT_LANES].reshape(-1, 2, 32).astype(np.int32).sum(-1)
+        # docs/atd-format.md §8: element e at ELEMENT_LANES[e], scale d[e // 32]
+        act = (np.repeat(arr["d"].astype(np.float64), 32, axis=1) * qs[:, ELEMENT_LANES]).reshape(-1)
     return y, x, act
 
 
@@ -201,7 +207,7 @@ def test_wrappers_and_set_path(atd):
         w = _random_row(rng, planes, block, n)
         y, _, _ = _activations(lib, ffi, rng, block, n)
         ref = _dot(lib, ffi, n, w, y, planes, block, PATH_SCALAR)
-        name = f"atd{planes}_q8_K" if block == 256 else f"atd{planes}_64_q8_0"
+        name = f"atd{planes}_q8_K" if block == 256 else f"atd{planes}_64_atd_q8_64"
         s = ffi.new("float *")
         getattr(lib2, f"ggml_vec_dot_{name}")(n, s, 0, ffi.from_buffer(w), 0, y, 0, 1)
         assert _bits(s[0]) == _bits(ref)

@@ -145,10 +145,23 @@ def test_stock_model_gives_identical_logits(tools, smollm2_f16_gguf, tokenizer, 
 
 # ---- b. tensors: ggml's dequantize == the Python reference ----------------------------------------
 
-def _synthetic_atd_gguf(path: Path, corrupt: str | None = None) -> dict[str, np.ndarray]:
+# how _synthetic_atd_gguf breaks a tensor: a byte the encoder never writes (40 = ceil(256 v / 243) for
+# no v), a code 1 in a padding slot (the last digit of a plane's last byte: digits 1111 1 -> byte 128),
+# a non-finite scale
+CORRUPTIONS = {
+    "noncanonical": lambda data, t: data.__setitem__((2, 2 * t.planes + 3), 40),
+    "padding": lambda data, t: data.__setitem__((2, 2 * t.planes + t.plane_bytes - 1), 128),
+    "inf_scale": lambda data, t: data.__setitem__((2, slice(0, 2)), np.array([0x00, 0x7C], np.uint8)),
+}
+
+
+def _synthetic_atd_gguf(path: Path, corrupt: str | None = None, how: str = "noncanonical",
+                        metadata: dict | None = None) -> dict[str, np.ndarray]:
     """One small tensor of every ATD type (random Gaussian rows), fitted by the reference."""
     rng = np.random.default_rng(7)
     writer = gguf.GGUFWriter(path, "llama")
+    for key, value in (metadata or {}).items():
+        writer.add_uint32(key, value)
     packed = {}
     for t in gguf_types.ATD_TYPES:
         cols = 3 * t.block_size
@@ -157,7 +170,8 @@ def _synthetic_atd_gguf(path: Path, corrupt: str | None = None) -> dict[str, np.
         data = gguf_types.quantize(w, t)
         if corrupt == t.name:
             data = data.copy()
-            data[2, 2 * t.planes] |= 0x03  # trit code 3 in the first plane byte
+            CORRUPTIONS[how](data, t)
+            assert gguf_types.validate_blocks(data, t) is not None
         packed[f"{t.name.lower()}.weight"] = data
         writer.add_tensor(f"{t.name.lower()}.weight", data, raw_dtype=gguf_types.gguf_qtype(t))
     writer.write_header_to_file()
@@ -182,7 +196,7 @@ def _ggml_dequantize(tools, model: Path, out_dir: Path) -> dict[str, tuple[list[
 def _check_dequantized(path: Path, ggml: dict) -> set[str]:
     seen = set()
     for name, tensor in _tensors(path).items():
-        if int(tensor.tensor_type) < 200:  # ATD ids are 200..207
+        if not gguf_types.is_atd_type_id(tensor.tensor_type):
             continue
         t = gguf_types.atd_type(int(tensor.tensor_type))
         info, values = ggml[name]
@@ -209,12 +223,55 @@ def test_ggml_dequantize_equals_reference_model(tools, smollm2_atd3_gguf, tmp_pa
     assert seen == {"ATD3", "ATD3_64"}  # 576-wide rows use 64-blocks, ffn_down (1536) 256-blocks
 
 
-def test_ggml_validate_rejects_trit_code_3(tools, tmp_path):
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("bad_type", ["ATD2_64", "ATD3"])
+def test_ggml_validate_rejects_malformed_blocks(tools, tmp_path, how, bad_type):
     path = tmp_path / "bad.gguf"
-    _synthetic_atd_gguf(path, corrupt="ATD2_64")
+    _synthetic_atd_gguf(path, corrupt=bad_type, how=how)
     ggml = _ggml_dequantize(tools, path, tmp_path / "out")
     assert {name: info[4] for name, (info, _) in ggml.items()} == {
-        f"{t.name.lower()}.weight": "0" if t.name == "ATD2_64" else "1" for t in gguf_types.ATD_TYPES}
+        f"{t.name.lower()}.weight": "0" if t.name == bad_type else "1" for t in gguf_types.ATD_TYPES}
+    # and atd-gguf inspect refuses the file with one line naming the tensor
+    assert_one_line_error(run_cli("inspect", path), f"{bad_type.lower()}.weight")
+
+
+def _v1_gguf(path: Path) -> None:
+    """A format-1 ATD file as atd-gguf 0.1 wrote it: ids 200..207, 2-bit trits, atd.format_version 1."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("atd.format_version", 1)
+    rng = np.random.default_rng(1)
+    tensors = []
+    for i, (n, b) in enumerate([(3, 256), (3, 64)]):
+        nb = 4
+        codes = rng.integers(0, 3, (nb, n, b // 4, 4)).astype(np.uint8)
+        qs = (codes[..., 0] | codes[..., 1] << 2 | codes[..., 2] << 4 | codes[..., 3] << 6).reshape(nb, -1)
+        d = np.full((nb, n), 0.01, "<f2").view(np.uint8)
+        tensors.append(np.concatenate([d, qs], axis=1).reshape(2, -1))
+        # gguf-py knows no size for ids 202/206 any more: declare the shape in elements and the bytes
+        writer.add_tensor_info(f"blk.0.t{i}.weight", (2, 2 * b), np.dtype(np.float32), tensors[-1].nbytes,
+                               raw_dtype=202 + 4 * i)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for data in tensors:
+        writer.write_tensor_data(data)
+    writer.close()
+
+
+def test_format_1_files_are_refused_everywhere(tools, tmp_path):
+    """ATD format 1 (ids 200..207) is refused by the patched llama.cpp and by atd-gguf, one line each."""
+    path = tmp_path / "v1.gguf"
+    _v1_gguf(path)
+    proc = subprocess.run([str(tools("patched", "atd_logits")), str(path), str(tmp_path / "x"), THREADS, "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode > 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"  # > 0: no signal
+    assert "ATD format version 1" in proc.stderr and "atd-gguf convert" in proc.stderr, proc.stderr[-2000:]
+    for command in (["inspect", path], ["export", "--stock", path, "-o", tmp_path / "out.gguf"],
+                    ["modelfile", path, "-o", tmp_path / "Modelfile"]):
+        result = run_cli(*command)
+        assert_one_line_error(result, "ATD format version 1")
+        assert "re-convert" in result.output
+    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "Modelfile").exists()
 
 
 # ---- c. model: ATD3 in llama.cpp vs transformers on the dequantized weights ----------------------
@@ -314,8 +371,9 @@ def test_llama_quantize_matches_converter(smollm2_f32_gguf, smollm2_atd3_gguf, t
             assert bytes(ours[name].data) == bytes(t.data), name
             n_linear += 1
     assert n_linear == 7 * 30
-    field = gguf.GGUFReader(out).get_field("general.file_type")
-    assert int(field.parts[field.data[0]][0]) == 202
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("general.file_type").contents() == 1002  # LLAMA_FTYPE_MOSTLY_ATD3
+    assert reader.get_field("atd.format_version").contents() == gguf_types.ATD_FORMAT_VERSION
 
 
 # ---- f. `atd-gguf export --stock`: stock llama.cpp loads the export, its logits match --------------
@@ -424,7 +482,7 @@ def test_stock_rejects_atd(tools, smollm2_atd3_gguf, tmp_path):
     proc = subprocess.run([str(tools("stock", "atd_logits")), str(smollm2_atd3_gguf), str(tmp_path / "x"), THREADS, "1"],
                           capture_output=True, text=True)
     assert proc.returncode > 0
-    assert "invalid ggml type 20" in proc.stderr  # "tensor 'blk.0.attn_q.weight' has invalid ggml type 206"
+    assert "invalid ggml type 100" in proc.stderr  # "tensor 'blk.0.attn_q.weight' has invalid ggml type 1006"
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.01])

@@ -347,8 +347,9 @@ ALPACA_JINJA = ("{% for message in messages %}{% if message['role'] == 'user' %}
 
 
 def write_tiny_gguf(path: Path, chat_template: str | None = CHATML_JINJA, *, license: str | None = None,
-                    base_model_url: str | None = None, atd: bool = True) -> Path:
-    """A ~2 KB llama GGUF with gguf-py: metadata of choice, one F32 tensor and (optionally) one ATD2 tensor."""
+                    base_model_url: str | None = None, atd: bool = True, bad_byte: int | None = None) -> Path:
+    """A ~2 KB llama GGUF with gguf-py: metadata of choice, one F32 tensor and (optionally) one ATD2 tensor
+    (bad_byte: written over the first plane byte of its fourth block)."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name("Tiny Test")
     if license is not None:
@@ -361,7 +362,11 @@ def write_tiny_gguf(path: Path, chat_template: str | None = CHATML_JINJA, *, lic
     writer.add_tensor("output_norm.weight", np.linspace(-1, 1, 256, dtype=np.float32))
     if atd:
         t = gguf_types.atd_type("ATD2")
-        blocks = np.random.default_rng(0).integers(0, 256, (8, t.type_size), dtype=np.uint8)
+        rng = np.random.default_rng(0)
+        blocks = gguf_types.pack_blocks(rng.integers(-1, 2, (8, 2, 256)).astype(np.int8),
+                                        rng.standard_normal((8, 2)).astype(np.float16))
+        if bad_byte is not None:
+            blocks[3, 4] = bad_byte
         writer.add_tensor("blk.0.attn_q.weight", blocks, raw_dtype=gguf_types.gguf_qtype(t))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -691,7 +696,7 @@ def test_header_reads_strings_and_tensor_types(tmp_path):
     writer.close()
 
     header = read_gguf_header(path)
-    assert header.tensor_types == {"a": 0, "b": 1, "c": 206}
+    assert header.tensor_types == {"a": 0, "b": 1, "c": 1006}
     assert header.strings == {"general.architecture": "llama", "tokenizer.chat_template": CHATML_JINJA,
                               "general.license": "mit", "test.s": "ünï"}
 

@@ -119,7 +119,8 @@ def test_publish_one_commit(tiny_gguf, hub, workdir):
     assert meta["license"] == "apache-2.0"
     assert meta["quantized_by"] == "atd-gguf"
     assert {"gguf", "ternary", "atd"} <= set(meta["tags"])
-    assert "| ATD2 | 1 | 2,048 | 1,056 | 4.125 |" in readme
+    assert "| ATD2 | 1 | 2,048 | 864 | 3.375 |" in readme  # 8 blocks of 2 * (2 + 52) bytes
+    assert "ggml type ids 1001" in readme and "ATD format 2" in readme
     assert "No quality measurements" in readme
     assert "ollama run hf.co/tester/tiny-atd2-GGUF" in readme and "make llama" in readme
     assert "atd-gguf export --stock" in readme

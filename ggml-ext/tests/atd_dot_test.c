@@ -14,7 +14,7 @@
 #include <string.h>
 
 // internal test hook of atd-dot.c (not part of atd.h): force a variant inside a path, 0 = best.
-// AVX2: 1 maddubs, 2 AVX-VNNI, 3 AVX512-VL vpdpbusd on ymm (stand-in for 2); AVX-512: 1 shift, 2 GFNI.
+// AVX2: 1 maddubs, 2 AVX-VNNI, 3 AVX512-VL vpdpbusd on ymm (stand-in for 2).
 // Returns 1 if this build and CPU can run it.
 int atd_dot_set_variant(int path, int variant);
 #define MAX_VARIANTS 3
@@ -73,19 +73,28 @@ static uint16_t rand_half(int mode) {
 }
 
 // ---- ATD packer (docs/atd-format.md §2) --------------------------------------------------------
-// codes[i][e] in 0..2, element e of plane i; writes one block of N planes x B weights
+// codes[i][e] in 0..2, element e of plane i; writes one block of N planes x B weights. Base-3 bytes
+// from the spec's formula: digit k of byte j is element S*k + j, padding slots code 0, the byte is
+// ceil(256 v / 243) of v = sum_k c_k 3^(4-k) (computed here, not with the library's helpers).
 static void pack_block(uint8_t * dst, int N, int B, const uint16_t * d, const uint8_t codes[][256]) {
     for (int i = 0; i < N; ++i) {
         dst[2 * i]     = (uint8_t)(d[i] & 0xff);
         dst[2 * i + 1] = (uint8_t)(d[i] >> 8);
     }
-    const int Q = B / 4;
+    const int S = (B + 4) / 5;
     for (int i = 0; i < N; ++i) {
-        for (int j = 0; j < Q; ++j) {
-            dst[2 * N + i * Q + j] = (uint8_t)(codes[i][j] | codes[i][j + Q] << 2 | codes[i][j + 2 * Q] << 4 |
-                                               codes[i][j + 3 * Q] << 6);
+        for (int j = 0; j < S; ++j) {
+            int v = 0;
+            for (int k = 0; k < 5; ++k) v = 3 * v + (S * k + j < B ? codes[i][S * k + j] : 0);
+            dst[2 * N + i * S + j] = (uint8_t)((v * 256 + 242) / 243);
         }
     }
+}
+
+// the 16-byte group of element e in block_atd_q8_64 (digit e / 13; digit 2 split at element 32)
+static int group64(int e) {
+    const int k = e / 13;
+    return k < 2 ? k : k == 2 ? (e < 32 ? 2 : 3) : k + 1;
 }
 
 // ---- one row -----------------------------------------------------------------------------------
@@ -151,19 +160,25 @@ static row_t make_row(int N, int B, int n, int kind) {
             for (int e = 0; e < QK_K; ++e) r.a[b * QK_K + e] = (double)y[b].d * y[b].qs[e];
         r.y = y;
     } else {
-        block_q8_0 * y = malloc(sizeof(block_q8_0) * (n / QK8_0));
-        atd_quantize_row_q8_0_ref(f, y, n);
+        block_atd_q8_64 * y = malloc(sizeof(block_atd_q8_64) * (n / QK_ATD_64));
+        quantize_row_atd_q8_64(f, y, n);
         if (kind == 1) {
-            for (int b = 0; b < n / QK8_0; ++b) {
+            for (int b = 0; b < n / QK_ATD_64; ++b) {
                 const int sgn = (int)(rng_u64() % 3);
-                for (int e = 0; e < QK8_0; ++e) {
-                    y[b].qs[e] = (int8_t)(sgn == 0 ? 127 : sgn == 1 ? -128 : ((rng_u64() & 1) ? 127 : -128));
+                y[b].sum[0] = y[b].sum[1] = 0;
+                for (int e = 0; e < QK_ATD_64; ++e) {
+                    const int8_t q = (int8_t)(sgn == 0 ? 127 : sgn == 1 ? -128 : ((rng_u64() & 1) ? 127 : -128));
+                    y[b].qs[group64(e)][e % 13] = q;
+                    y[b].sum[e / 32] += q;
                 }
-                y[b].d = rand_half(0);
+                y[b].d[0] = (float)h2d(rand_half(0));
+                y[b].d[1] = (float)h2d(rand_half(0));
             }
         }
-        for (int b = 0; b < n / QK8_0; ++b)
-            for (int e = 0; e < QK8_0; ++e) r.a[b * QK8_0 + e] = h2d(y[b].d) * y[b].qs[e];
+        // the group layout, read back by this test's own index formula
+        for (int b = 0; b < n / QK_ATD_64; ++b)
+            for (int e = 0; e < QK_ATD_64; ++e)
+                r.a[b * QK_ATD_64 + e] = (double)y[b].d[e / 32] * y[b].qs[group64(e)][e % 13];
         r.y = y;
     }
     free(f);
@@ -191,8 +206,8 @@ typedef void (*ggml_vec_dot_t)(int, float *, size_t, const void *, size_t, const
 static ggml_vec_dot_t wrapper(int N, int B) {
     static const ggml_vec_dot_t w256[4] = { ggml_vec_dot_atd1_q8_K, ggml_vec_dot_atd2_q8_K, ggml_vec_dot_atd3_q8_K,
                                             ggml_vec_dot_atd4_q8_K };
-    static const ggml_vec_dot_t w64[4]  = { ggml_vec_dot_atd1_64_q8_0, ggml_vec_dot_atd2_64_q8_0,
-                                            ggml_vec_dot_atd3_64_q8_0, ggml_vec_dot_atd4_64_q8_0 };
+    static const ggml_vec_dot_t w64[4]  = { ggml_vec_dot_atd1_64_atd_q8_64, ggml_vec_dot_atd2_64_atd_q8_64,
+                                            ggml_vec_dot_atd3_64_atd_q8_64, ggml_vec_dot_atd4_64_atd_q8_64 };
     return B == QK_ATD ? w256[N - 1] : w64[N - 1];
 }
 
@@ -249,14 +264,28 @@ static void test_quantizers(void) {
         for (int e = 0; e < QK_K; ++e) ok &= fabs(yk[b].d * yk[b].qs[e] - x[b * QK_K + e]) <= fabs(yk[b].d) * 0.5001;
     }
     CHECK(ok && yk[0].qs[7] == -127, "q8_K reference quantizer");
-    block_q8_0 y0[K / QK8_0];
-    atd_quantize_row_q8_0_ref(x, y0, K);
+    block_atd_q8_64 y6[K / QK_ATD_64];
+    quantize_row_atd_q8_64(x, y6, K);
     ok = 1;
-    for (int b = 0; b < K / QK8_0; ++b) {
-        const double d = h2d(y0[b].d);
-        for (int e = 0; e < QK8_0; ++e) ok &= fabs(d * y0[b].qs[e] - x[b * QK8_0 + e]) <= d * 0.51 + 1e-6;
+    for (int b = 0; b < K / QK_ATD_64; ++b) {
+        int     sum[2] = { 0, 0 }, used[6][16] = { { 0 } };
+        for (int e = 0; e < QK_ATD_64; ++e) {
+            const double d = y6[b].d[e / 32];
+            const int    q = y6[b].qs[group64(e)][e % 13];
+            used[group64(e)][e % 13] = 1;
+            ok &= fabs(d * q - x[b * QK_ATD_64 + e]) <= d * 0.5001 + 1e-6;
+            sum[e / 32] += q;
+        }
+        for (int g = 0; g < 6; ++g)
+            for (int j = 0; j < 16; ++j) ok &= used[g][j] || y6[b].qs[g][j] == 0;  // lanes no element meets
+        ok &= sum[0] == y6[b].sum[0] && sum[1] == y6[b].sum[1];
+        for (int h = 0; h < 2; ++h) {  // d = max |x| / 127 of each half
+            float amax = 0.0f;
+            for (int e = 32 * h; e < 32 * h + 32; ++e) amax = fmaxf(amax, fabsf(x[b * QK_ATD_64 + e]));
+            ok &= y6[b].d[h] == amax / 127.0f;
+        }
     }
-    CHECK(ok, "q8_0 reference quantizer");
+    CHECK(ok, "atd_q8_64 quantizer (scales per 32, group layout, zero lanes, sums)");
     float z[QK_K] = { 0 };
     atd_quantize_row_q8_K_ref(z, yk, QK_K);
     CHECK(yk[0].d == 0.0f && yk[0].qs[0] == 0 && yk[0].bsums[0] == 0, "q8_K of zeros");

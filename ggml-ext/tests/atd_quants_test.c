@@ -41,7 +41,15 @@ static double rng_gauss(void) {
     return sqrt(-2.0 * log(rng_unif())) * cos(6.283185307179586 * rng_unif());
 }
 
-static size_t type_size(int n, int B) { return (size_t)n * (2 + B / 4); }
+static size_t type_size(int n, int B) { return (size_t)n * (2 + (B + 4) / 5); }
+// the spec's base-3 byte (docs/atd-format.md §2), written here independently of the library
+static uint8_t spec_byte(int v) { return (uint8_t)((v * 256 + 242) / 243); }
+// the canonical zero plane byte j of a plane with S bytes and B elements: all codes 1, padding 0
+static uint8_t zero_plane_byte(int j, int S, int B) {
+    int v = 0;
+    for (int k = 0; k < 5; ++k) v = 3 * v + (S * k + j < B ? 1 : 0);
+    return spec_byte(v);
+}
 
 static float f32_of_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static uint32_t bits_of_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -172,7 +180,8 @@ static void test_fast_vs_scalar(void) {
                     const uint8_t * blk = a + kind * type_size(n, B);
                     int canon = 1;
                     for (int i = 0; i < 2*n; ++i) canon &= blk[i] == 0;
-                    for (size_t i = 2*n; i < type_size(n, B); ++i) canon &= blk[i] == 0x55;
+                    const int S = (B + 4) / 5;
+                    for (size_t i = 2*n; i < type_size(n, B); ++i) canon &= blk[i] == zero_plane_byte((int)(i - 2*n) % S, S, B);
                     CHECK(canon, "kind %d not a canonical zero block (N=%d B=%d)", kind, n, B);
                 }
                 free(a); free(s); free(h); free(x);
@@ -258,7 +267,7 @@ static void test_rows_and_threads(void) {
 static void test_dequantize_closed_form(void) {
     const int blocks[2] = { QK_ATD, QK_ATD_64 };
     for (int bi = 0; bi < 2; ++bi) {
-        const int B = blocks[bi], q = B / 4, nb = 5;
+        const int B = blocks[bi], S = (B + 4) / 5, nb = 5;
         for (int n = 1; n <= 4; ++n) {
             const size_t ts = type_size(n, B);
             uint8_t * data = calloc(nb, ts);
@@ -271,10 +280,14 @@ static void test_dequantize_closed_form(void) {
                     do { h = (uint16_t)rng_u64(); } while ((h & 0x7c00) == 0x7c00); // any finite half
                     d[b][i] = h;
                     blk[2*i] = (uint8_t)(h & 0xff); blk[2*i + 1] = (uint8_t)(h >> 8);
-                    for (int e = 0; e < B; ++e) {
-                        const int tv = (int)(rng_u64() % 3) - 1;
-                        t[((size_t)b*n + i)*B + e] = (int8_t)tv;
-                        blk[2*n + i*q + e % q] |= (uint8_t)((tv + 1) << (2 * (e / q)));
+                    for (int e = 0; e < B; ++e) t[((size_t)b*n + i)*B + e] = (int8_t)((int)(rng_u64() % 3) - 1);
+                    for (int j = 0; j < S; ++j) {
+                        int v = 0;
+                        for (int k = 0; k < 5; ++k) {
+                            const int e = S*k + j;
+                            v = 3 * v + (e < B ? t[((size_t)b*n + i)*B + e] + 1 : 0);
+                        }
+                        blk[2*n + i*S + j] = spec_byte(v);
                     }
                 }
             }
@@ -290,13 +303,21 @@ static void test_dequantize_closed_form(void) {
             }
             CHECK(bad == 0, "dequantize closed form N=%d B=%d: %d mismatches", n, B, bad);
             CHECK(atd_validate_row(data, (int64_t)nb * B, n, B) == 1, "valid data rejected");
-            // code 3 anywhere in a plane, an inf or NaN scale: invalid
+            // a byte the encoder never writes, a nonzero padding digit, an inf or NaN scale: invalid
             uint8_t * bad3 = malloc(nb * ts);
+            static const uint8_t noncanonical[] = { 1, 20, 40, 60, 79, 99, 119, 138, 158, 178, 197, 217, 237 };
             for (int trial = 0; trial < 8; ++trial) {
                 memcpy(bad3, data, nb * ts);
-                const size_t byte = (rng_u64() % nb) * ts + 2*n + rng_u64() % (n * q);
-                bad3[byte] |= (uint8_t)(3u << (2 * (rng_u64() % 4)));
-                CHECK(atd_validate_row(bad3, (int64_t)nb * B, n, B) == 0, "code 3 accepted");
+                const size_t byte = (rng_u64() % nb) * ts + 2*n + rng_u64() % (n * S);
+                bad3[byte] = noncanonical[rng_u64() % sizeof noncanonical];
+                CHECK(atd_validate_row(bad3, (int64_t)nb * B, n, B) == 0, "non-canonical byte accepted");
+                memcpy(bad3, data, nb * ts);
+                // the last byte of a plane holds a padding slot (digit 4): make it code 1 or 2
+                const size_t last = (rng_u64() % nb) * ts + 2*n + (rng_u64() % n) * S + S - 1;
+                int v = 0;
+                for (int k = 0; k < 4; ++k) v = 3 * v + (int)(rng_u64() % 3);
+                bad3[last] = spec_byte(3 * v + 1 + (int)(rng_u64() % 2));
+                CHECK(atd_validate_row(bad3, (int64_t)nb * B, n, B) == 0, "nonzero padding accepted");
             }
             const uint16_t bad_scales[3] = { 0x7c00, 0xfc00, 0x7e01 };
             for (int k = 0; k < 3; ++k) {
@@ -333,10 +354,12 @@ static void test_overflow(void) {
 }
 
 static void test_sizes(void) {
-    CHECK(sizeof(block_atd1) == 66 && sizeof(block_atd2) == 132 && sizeof(block_atd3) == 198 && sizeof(block_atd4) == 264,
+    // format 2: N * (2 + 52) and N * (2 + 13) bytes (docs/atd-format.md §1)
+    CHECK(sizeof(block_atd1) == 54 && sizeof(block_atd2) == 108 && sizeof(block_atd3) == 162 && sizeof(block_atd4) == 216,
           "block sizes (256)");
-    CHECK(sizeof(block_atd1_64) == 18 && sizeof(block_atd2_64) == 36 && sizeof(block_atd3_64) == 54 &&
-          sizeof(block_atd4_64) == 72, "block sizes (64)");
+    CHECK(sizeof(block_atd1_64) == 15 && sizeof(block_atd2_64) == 30 && sizeof(block_atd3_64) == 45 &&
+          sizeof(block_atd4_64) == 60, "block sizes (64)");
+    CHECK(sizeof(block_atd_q8_64) == 112, "atd_q8_64 block size");  // d[2], sum[2], qs[6][16]
     CHECK(atd_quantize_rows(NULL, NULL, 1, 100, 2, QK_ATD, NULL, 1) == 0, "ragged row accepted");
     CHECK(atd_quantize_rows(NULL, NULL, 1, 256, 5, QK_ATD, NULL, 1) == 0, "planes=5 accepted");
     CHECK(atd_quantize_rows(NULL, NULL, 1, 256, 2, 128, NULL, 1) == 0, "block 128 accepted");
