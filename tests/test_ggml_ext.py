@@ -373,3 +373,25 @@ def test_native_vec_dot_wrapper(name):
     path = int(_native.lib.atd_selected_path())
     assert _native.lib.atd_path_available(path)
     assert abs(_native.vec_dot(row, act, t, path=path) - expect) < 0.02 * scale
+
+
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
+@pytest.mark.parametrize("march", ["armv8-a", "armv8.2-a+dotprod"])
+def test_neon_paths_under_qemu(tmp_path, march):
+    """The C drivers built for aarch64 (NEON, with and without sdot) under qemu: the NEON dot path equals
+    the scalar one bit for bit, and the codec/fit checks pass."""
+    sources = [str(p) for p in sorted(EXT.glob("*.c"))]
+    for driver, args in (("atd_dot_test.c", ["1"]), ("atd_quants_test.c", [])):
+        exe = tmp_path / driver.replace(".c", "")
+        build = subprocess.run(["aarch64-linux-gnu-gcc", "-std=c11", "-O2", f"-march={march}", "-ffp-contract=off",
+                                f"-I{EXT}", *sources, str(EXT / "tests" / driver), "-lm", "-pthread", "-o", str(exe)],
+                               capture_output=True, text=True, check=False)
+        assert build.returncode == 0, build.stderr
+        res = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe), *args], capture_output=True,
+                             text=True, timeout=600, check=False)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        m = re.search(r"(\d+) passed, (\d+) failed", res.stdout)
+        assert m and int(m.group(2)) == 0 and int(m.group(1)) > 400, res.stdout
+        if driver == "atd_dot_test.c":
+            assert "neon" in res.stdout.split("paths:")[1].splitlines()[0]
