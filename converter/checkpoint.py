@@ -55,10 +55,25 @@ class TensorRef:
 
     def load(self) -> np.ndarray:
         """The tensor as float32 (exact for F32/F16/BF16)."""
-        raw = self.local.mmap_bytes().view(_DTYPES[self.dtype]).reshape(self.shape)
-        if self.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+        return self.load_rows(0, self.shape[0] if self.shape else 1).reshape(self.shape)
+
+    def load_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 (along the first dimension) as float32. Only their bytes are mapped, and
+        the mapping is dropped on return, so reading a large tensor in row chunks keeps memory at a chunk."""
+        row_shape = self.shape[1:]
+        dtype = np.dtype(_DTYPES[self.dtype])
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        rng = self.local.data_range
+        raw = np.memmap(rng.filename, mode="r", dtype=dtype, offset=rng.offset + start * row_bytes,
+                        shape=((stop - start) * row_bytes // dtype.itemsize,))
+        try:
+            if self.dtype == "BF16":
+                out = (raw.astype(np.uint32) << 16).view(np.float32)
+            else:
+                out = raw.astype(np.float32)
+        finally:
+            del raw
+        return out.reshape((stop - start, *row_shape)) if self.shape else out
 
 
 class Checkpoint:

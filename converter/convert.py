@@ -1,7 +1,12 @@
-"""HF checkpoint -> GGUF, streaming one tensor at a time into a temp file that is renamed at the end."""
+"""HF checkpoint -> GGUF, streaming into a temp file that is renamed at the end.
+
+Tensors are read, encoded and written in row chunks of at most CHUNK_BYTES of float32, so peak
+memory is about one chunk (plus whatever an encoder keeps), however large the embedding is.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,8 +32,10 @@ STOCK_OUTTYPES: dict[str, tuple[QT, LlamaFileType]] = {
 
 # (gguf tensor name, shape) -> the type it is written in
 TypeChoice = Callable[[str, tuple[int, ...]], QT]
-# (type, float32 values, gguf tensor name) -> the bytes/array written for it
+# (type, float32 values of whole rows, gguf tensor name) -> the bytes/array written for those rows
 Encoder = Callable[[QT, np.ndarray, str], np.ndarray]
+# float32 bytes of one row chunk: the unit of reading, encoding and writing
+CHUNK_BYTES = 64 << 20
 
 
 def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
@@ -71,6 +78,9 @@ class ConvertOptions:
     extra_kv: dict[str, object] = field(default_factory=dict)
     # called with [(name, type)] before anything is written; raises AtdError to refuse
     check_plan: Callable[[list[tuple[str, QT]]], None] | None = None
+    # (source tensor, type) -> the whole tensor's bytes from an encoder that needs all of it at
+    # once (the calibrated fit), or None for the row-chunked encode
+    encode_whole: Callable[["SourceTensor", QT], np.ndarray | None] | None = None
     force: bool = False
     progress: bool = True
 
@@ -117,6 +127,44 @@ def _add_kv(writer: gguf.GGUFWriter, key: str, value: object) -> None:
         writer.add_string(key, str(value))
 
 
+def _chunk_rows(source: SourceTensor, row_bytes_out: int, alignment: int) -> int:
+    """Rows per chunk: whole rope heads, at most CHUNK_BYTES of float32, and (all but the last chunk)
+    a multiple of the data alignment in output bytes, so chunks concatenate into the tensor's data."""
+    rows = source.shape[0]
+    row_f32 = 4 * int(np.prod(source.shape[1:], dtype=np.int64))
+    unit = math.lcm(source.row_group, alignment // math.gcd(row_bytes_out, alignment))
+    return min(rows, max(unit, CHUNK_BYTES // max(row_f32, 1) // unit * unit))
+
+
+def _checked(data: np.ndarray, name: str) -> np.ndarray:
+    if not np.isfinite(data).all():
+        raise AtdError(f"tensor {name} contains NaN or Inf values")
+    return data
+
+
+class _TensorData:
+    """The data section of a GGUF whose header GGUFWriter wrote: each tensor at the next multiple
+    of the alignment (GGUFWriter's own layout), written in chunks."""
+
+    def __init__(self, path: Path, alignment: int):
+        self.f = open(path, "ab")
+        self.alignment = alignment
+
+    def write(self, chunks, nbytes: int, name: str) -> None:
+        self.f.write(bytes(-self.f.tell() % self.alignment))
+        written = 0
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk)
+            self.f.write(memoryview(chunk).cast("B"))
+            written += chunk.nbytes
+        if written != nbytes:  # the header promised nbytes: a mismatch would corrupt every later offset
+            raise AtdError(f"internal error: tensor {name} encoded to {written} bytes, expected {nbytes}")
+
+    def close(self) -> None:
+        self.f.write(bytes(-self.f.tell() % self.alignment))
+        self.f.close()
+
+
 def convert(model: str | Path, output: str | Path, options: ConvertOptions | None = None) -> ConvertResult:
     """Convert a LlamaForCausalLM checkpoint (directory or Hub repo id) to a GGUF file."""
     options = options or ConvertOptions()
@@ -124,15 +172,15 @@ def convert(model: str | Path, output: str | Path, options: ConvertOptions | Non
     llama = LlamaModel(Checkpoint(resolve_model(str(model))))
     choose = options.type_choice()
 
-    plan: list[tuple[SourceTensor, QT]] = []
+    plan: list[tuple[SourceTensor, QT, int]] = []
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCH])
     for source in llama.tensors():
         qtype = choose(source.name, source.shape)
-        plan.append((source, qtype))
-        writer.add_tensor_info(source.name, source.shape, np.dtype(np.float32),
-                               tensor_nbytes(qtype, source.shape), raw_dtype=qtype)
+        nbytes = tensor_nbytes(qtype, source.shape)
+        plan.append((source, qtype, nbytes))
+        writer.add_tensor_info(source.name, source.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
     if options.check_plan is not None:
-        options.check_plan([(source.name, qtype) for source, qtype in plan])
+        options.check_plan([(source.name, qtype) for source, qtype, _ in plan])
     _add_metadata(writer, llama, options)
 
     n_params = n_bytes = 0
@@ -141,26 +189,46 @@ def convert(model: str | Path, output: str | Path, options: ConvertOptions | Non
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            total = sum(int(np.prod(s.shape)) for s, _ in plan)
+        finally:
+            writer.close()
+        data = _TensorData(tmp, writer.data_alignment)
+        try:
+            total = sum(int(np.prod(s.shape)) for s, _, _ in plan)
             from tqdm import tqdm
 
             # disable=None hides the bar when stderr is not a terminal
             with tqdm(total=total, unit="w", unit_scale=True, disable=None if options.progress else True,
                       desc="converting", leave=False) as bar:
-                for source, qtype in plan:
+                for source, qtype, nbytes in plan:
                     bar.set_postfix_str(source.name, refresh=False)
-                    data = source.load()
-                    if not np.isfinite(data).all():
-                        raise AtdError(f"tensor {source.name} contains NaN or Inf values")
-                    encoded = np.ascontiguousarray(options.encode(qtype, data, source.name))
-                    writer.write_tensor_data(encoded)
-                    n_params += data.size
-                    n_bytes += encoded.nbytes
-                    bar.update(data.size)
-                    del data, encoded
+                    chunks = _encoded_chunks(source, qtype, nbytes, data.alignment, options, bar)
+                    data.write(chunks, nbytes, source.name)
+                    n_params += int(np.prod(source.shape))
+                    n_bytes += nbytes
         finally:
-            writer.close()
+            data.close()
     return ConvertResult(output, len(plan), n_params, n_bytes)
+
+
+def _encoded_chunks(source: SourceTensor, qtype: QT, nbytes: int, alignment: int, options: ConvertOptions, bar):
+    """The encoded bytes of one tensor, in row chunks (or whole, from options.encode_whole)."""
+    if options.encode_whole is not None:
+        whole = options.encode_whole(source, qtype)
+        if whole is not None:
+            bar.update(int(np.prod(source.shape)))
+            yield whole
+            return
+    if len(source.shape) < 2:
+        yield options.encode(qtype, _checked(source.load(), source.name), source.name)
+        bar.update(int(np.prod(source.shape)))
+        return
+    rows = source.shape[0]
+    step = _chunk_rows(source, nbytes // rows, alignment)
+    for start in range(0, rows, step):
+        chunk = _checked(source.load_rows(start, min(rows, start + step)), source.name)
+        yield options.encode(qtype, chunk, source.name)
+        bar.update(chunk.size)
+        del chunk
 
 
 __all__ = ["ConvertOptions", "ConvertResult", "STOCK_OUTTYPES", "convert", "keeps_f32", "fits_blocks",

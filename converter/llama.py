@@ -144,6 +144,19 @@ class SourceTensor:
         data = self.ref.load()
         return permute_qk(data, self.permute_heads) if self.permute_heads else data
 
+    @property
+    def row_group(self) -> int:
+        """Rows that only load together: a rope head's rows are permuted among themselves."""
+        return self.shape[0] // self.permute_heads if self.permute_heads else 1
+
+    def load_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 of load(), reading only those rows (multiples of row_group)."""
+        if self.values is not None or len(self.shape) < 2:
+            return self.load()[start:stop]
+        assert self.ref is not None and start % self.row_group == 0 and (stop - start) % self.row_group == 0
+        data = self.ref.load_rows(start, stop)
+        return permute_qk(data, (stop - start) // self.row_group) if self.permute_heads else data
+
 
 class LlamaModel:
     def __init__(self, checkpoint: Checkpoint):
