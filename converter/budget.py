@@ -44,7 +44,8 @@ from gguf import GGMLQuantizationType as QT
 
 import gguf_types
 
-from .convert import fits_blocks, keeps_f32
+from .convert import fits_blocks, keeps_f32, tensor_nbytes
+from .llama import EMBEDDINGS, LINEAR_WEIGHT
 from .errors import AtdError
 
 __all__ = [
@@ -53,7 +54,8 @@ __all__ = [
     "ROLE_SENSITIVITY", "TIED_EMBEDDING_SENSITIVITY", "FIRST_LAYER_MULTIPLIER", "LAST_LAYER_MULTIPLIER",
     "sensitivity", "default_sensitivity", "weigh",
     "SAMPLE_MIN_ROWS", "SAMPLE_WEIGHTS", "sample_size", "sample_rows", "Option", "TensorOptions",
-    "fixed_tensor", "estimate_tensor", "estimate_from_rows", "default_roundtrip",
+    "fixed_tensor", "estimate_tensor", "estimate_from_rows", "default_roundtrip", "sampled_source_rows",
+    "estimate_sources",
     "solve", "solve_with_method", "Plan", "PlannedTensor", "make_plan", "plan_for_size", "plan_for_bpw",
     "smallest_plan",
     "gguf_header_nbytes", "gguf_string_kv_nbytes",
@@ -109,22 +111,12 @@ def bpw_budget_bytes(bpw: float, n_weights: int) -> int:
     return int(Decimal(repr(float(bpw))) * n_weights / 8)
 
 
-def tensor_nbytes(qtype: QT, shape: Sequence[int]) -> int:
-    """Exact data bytes of a (…, cols) tensor in `qtype`, from gguf.GGML_QUANT_SIZES."""
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    if shape[-1] % block:
-        raise ValueError(f"{qtype.name}: row length {shape[-1]} is not a multiple of its block size {block}")
-    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
-
-
 def _pad(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
 
 # ----------------------------------------------------------------------------- candidates
 
-LINEAR_WEIGHT = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
-EMBEDDINGS = ("token_embd.weight", "output.weight")
 # stock types gguf-py 0.19.0 can quantize (gguf.quants) and llama.cpp reads for get_rows and matmul
 EMBED_STOCK_TYPES: tuple[QT, ...] = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.BF16, QT.F16)
 PLANES = (1, 2, 3, 4)
@@ -317,6 +309,41 @@ def estimate_tensor(name: str, w: np.ndarray, *, types: Iterable[QT] | None = No
     w2 = w.reshape(-1, shape[-1])
     idx = sample_rows(w2.shape[0], shape[-1], min_rows=min_rows, sample_weights=sample_weights)
     return estimate_from_rows(name, shape, w2[idx], types=types, importance=importance, roundtrip=roundtrip)
+
+
+def sampled_source_rows(source) -> np.ndarray:
+    """The sample_rows() of a converter.llama.SourceTensor (in its GGUF row order), reading only those
+    rows from the checkpoint, or the whole tensor when its rows load in groups (rope heads)."""
+    rows, cols = source.shape[0], int(np.prod(source.shape[1:], dtype=np.int64))
+    idx = sample_rows(rows, cols)
+    if source.row_group > 1 or idx.size == rows:
+        return source.load().reshape(rows, cols)[idx]
+    return np.concatenate([source.load_rows(int(i), int(i) + 1).reshape(1, cols) for i in idx])
+
+
+def estimate_sources(sources, *, types_for: Callable[[str, tuple[int, ...]], Sequence[QT]] = candidate_types,
+                     importance_for: Callable[[str, int], "np.ndarray | None"] = lambda name, cols: None,
+                     progress: Callable[[str], None] | None = None) -> list[TensorOptions]:
+    """estimate_from_rows() for every tensor of a model (converter.llama.SourceTensor), one at a time.
+
+    types_for(name, shape): the candidates; importance_for(name, cols): the imatrix vector or None.
+    Tensors with a single candidate (norms) cost no work.
+    """
+    out = []
+    for source in sources:
+        shape = tuple(int(d) for d in source.shape)
+        types = tuple(types_for(source.name, shape))
+        if len(shape) < 2 or len(types) == 1:
+            out.append(fixed_tensor(source.name, shape, types[0]))
+            continue
+        if progress is not None:
+            progress(source.name)
+        rows = sampled_source_rows(source)
+        if not np.isfinite(rows).all():
+            raise AtdError(f"tensor {source.name} contains NaN or Inf values")
+        out.append(estimate_from_rows(source.name, shape, rows, types=types,
+                                      importance=importance_for(source.name, shape[-1])))
+    return out
 
 
 # ----------------------------------------------------------------------------- sensitivity

@@ -67,41 +67,61 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
-              help="Stock type of the weight matrices (default f16; norms stay F32). Not with --planes.")
+              help="Stock type of the weight matrices (default f16; norms stay F32). Not with ATD options.")
 @click.option("--planes", type=int, default=None,
               help="Write attention/FFN weights as ATD with this many ternary planes (1..4).")
+@click.option("--target-size", "target_size", default=None, metavar="SIZE",
+              help="ATD with planes chosen per tensor so the file is at most SIZE: bytes, or 95MB / 4GB "
+                   "(powers of 10), 90MiB / 3.7GiB (powers of 2).")
+@click.option("--bpw", type=float, default=None,
+              help="ATD with planes chosen per tensor for at most this many bits per weight (all tensors).")
 @click.option("--method", type=click.Choice(["grid", "greedy"]), default="grid", show_default=True,
               help="ATD fit: balanced-ternary grid start + alternating refit, or greedy residual planes.")
 @click.option("--imatrix", type=click.Path(path_type=Path), default=None,
-              help="llama.cpp importance matrix (GGUF or legacy .dat) weighting the ATD scale fit.")
-@click.option("--embed-type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="q8_0",
-              show_default=True, help="With --planes: type of token_embd and output.")
+              help="llama.cpp importance matrix (GGUF or legacy .dat) weighting the ATD fit and the size plan.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None, metavar="TEXT",
+              help="Text file: fit the ATD planes with GPTQ error feedback on the model's activations "
+                   "for this text (needs torch).")
+@click.option("--calibration-chunks", type=int, default=32, show_default=True,
+              help="With --calibration: chunks of --calibration-ctx tokens to use at most.")
+@click.option("--calibration-ctx", type=int, default=512, show_default=True,
+              help="With --calibration: tokens per chunk.")
+@click.option("--embed-type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
+              help="With ATD: type of token_embd and output (default q8_0 with --planes; chosen by the "
+                   "size plan with --target-size/--bpw).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def convert(model: str, output: Path, outtype: str | None, planes: int | None, method: str,
-            imatrix: Path | None, embed_type: str, force: bool, no_progress: bool) -> None:
+def convert(model: str, output: Path, outtype: str | None, planes: int | None, target_size: str | None,
+            bpw: float | None, method: str, imatrix: Path | None, calibration: Path | None, calibration_chunks: int,
+            calibration_ctx: int, embed_type: str | None, force: bool, no_progress: bool) -> None:
     """Convert MODEL (a checkpoint directory or a Hub repo id) to GGUF.
 
     \b
     Examples:
       atd-gguf convert ./Llama-3.2-1B-Instruct -o llama-f16.gguf --outtype f16
       atd-gguf convert ./Llama-3.2-1B-Instruct -o llama-atd3.gguf --planes 3
+      atd-gguf convert ./Llama-3.2-1B-Instruct -o l.gguf --target-size 900MB --calibration calib.txt
       atd-gguf convert meta-llama/Llama-3.2-1B-Instruct -o l.gguf --planes 2 --imatrix imatrix.gguf
     """
     from .convert import ConvertOptions
     from .convert import convert as run_convert
 
-    if planes is None:
-        if imatrix is not None:
-            raise AtdError("--imatrix needs --planes (it weights the ATD fit)")
+    atd = planes is not None or target_size is not None or bpw is not None
+    if not atd:
+        for flag, value in (("--imatrix", imatrix), ("--calibration", calibration), ("--embed-type", embed_type)):
+            if value is not None:
+                raise AtdError(f"{flag} needs --planes, --target-size or --bpw (it applies to the ATD fit)")
         options = ConvertOptions(outtype=outtype or "f16", force=force, progress=not no_progress)
     else:
         if outtype is not None:
-            raise AtdError("--outtype and --planes exclude each other (use --embed-type for the embeddings)")
+            raise AtdError("--outtype and the ATD options exclude each other (use --embed-type for the embeddings)")
         from .atd_policy import AtdOptions
+        from .budget import parse_size
 
-        options = AtdOptions(planes, method, embed_type, imatrix).convert_options(
-            force=force, progress=not no_progress)
+        options = AtdOptions(planes, method, embed_type, imatrix,
+                             target_size=parse_size(target_size) if target_size is not None else None,
+                             bpw=bpw, calibration=calibration, calibration_chunks=calibration_chunks,
+                             calibration_ctx=calibration_ctx).convert_options(force=force, progress=not no_progress)
     start = time.perf_counter()
     result = run_convert(model, output, options)
     click.echo(f"wrote {result.path}: {result.n_tensors} tensors, {result.n_params:,} weights, "

@@ -65,7 +65,10 @@ def stock_encode(qtype: QT, data: np.ndarray, name: str) -> np.ndarray:
 
 
 def tensor_nbytes(qtype: QT, shape: tuple[int, ...]) -> int:
+    """Exact data bytes of a (…, cols) tensor in `qtype`, from gguf.GGML_QUANT_SIZES."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block:
+        raise ValueError(f"{qtype.name}: row length {shape[-1]} is not a multiple of its block size {block}")
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
@@ -81,6 +84,9 @@ class ConvertOptions:
     # (source tensor, type) -> the whole tensor's bytes from an encoder that needs all of it at
     # once (the calibrated fit), or None for the row-chunked encode
     encode_whole: Callable[["SourceTensor", QT], np.ndarray | None] | None = None
+    # called with the model before the header is built: a first pass over the checkpoint (a size
+    # plan, calibration statistics) that may set choose_type, file_type and extra_kv
+    prepare: Callable[[LlamaModel, "ConvertOptions"], None] | None = None
     force: bool = False
     progress: bool = True
 
@@ -165,13 +171,10 @@ class _TensorData:
         self.f.close()
 
 
-def convert(model: str | Path, output: str | Path, options: ConvertOptions | None = None) -> ConvertResult:
-    """Convert a LlamaForCausalLM checkpoint (directory or Hub repo id) to a GGUF file."""
-    options = options or ConvertOptions()
-    output = check_output_path(Path(output), options.force)
-    llama = LlamaModel(Checkpoint(resolve_model(str(model))))
+def header_writer(llama: LlamaModel, options: ConvertOptions) -> tuple[gguf.GGUFWriter, list[tuple[SourceTensor, QT, int]]]:
+    """The GGUFWriter (no file yet) with every tensor info and the metadata, and the write plan
+    [(source, type, bytes)]: what convert() writes before the tensor data."""
     choose = options.type_choice()
-
     plan: list[tuple[SourceTensor, QT, int]] = []
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCH])
     for source in llama.tensors():
@@ -179,9 +182,20 @@ def convert(model: str | Path, output: str | Path, options: ConvertOptions | Non
         nbytes = tensor_nbytes(qtype, source.shape)
         plan.append((source, qtype, nbytes))
         writer.add_tensor_info(source.name, source.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    _add_metadata(writer, llama, options)
+    return writer, plan
+
+
+def convert(model: str | Path, output: str | Path, options: ConvertOptions | None = None) -> ConvertResult:
+    """Convert a LlamaForCausalLM checkpoint (directory or Hub repo id) to a GGUF file."""
+    options = options or ConvertOptions()
+    output = check_output_path(Path(output), options.force)
+    llama = LlamaModel(Checkpoint(resolve_model(str(model))))
+    if options.prepare is not None:
+        options.prepare(llama, options)
+    writer, plan = header_writer(llama, options)
     if options.check_plan is not None:
         options.check_plan([(source.name, qtype) for source, qtype, _ in plan])
-    _add_metadata(writer, llama, options)
 
     n_params = n_bytes = 0
     with atomic_output(output, options.force) as tmp:
@@ -231,5 +245,5 @@ def _encoded_chunks(source: SourceTensor, qtype: QT, nbytes: int, alignment: int
         del chunk
 
 
-__all__ = ["ConvertOptions", "ConvertResult", "STOCK_OUTTYPES", "convert", "keeps_f32", "fits_blocks",
-           "stock_type_choice", "tensor_nbytes", "__version__"]
+__all__ = ["ConvertOptions", "ConvertResult", "STOCK_OUTTYPES", "convert", "header_writer", "keeps_f32",
+           "fits_blocks", "stock_type_choice", "tensor_nbytes", "__version__"]

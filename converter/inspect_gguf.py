@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ class FileSummary:
     architecture: str | None
     metadata: dict[str, object]
     tensors: list[TensorSummary]
+    plan: dict | None = None  # atd.plan: the size plan of `convert --target-size/--bpw`
 
     @property
     def n_params(self) -> int:
@@ -58,7 +61,7 @@ class FileSummary:
         return {
             "path": self.path, "file_size": self.file_size, "architecture": self.architecture,
             "metadata": self.metadata, "n_params": self.n_params, "n_bytes": self.n_bytes, "bpw": self.bpw,
-            "tensors": [asdict(t) | {"bpw": t.bpw} for t in self.tensors],
+            "tensors": [asdict(t) | {"bpw": t.bpw} for t in self.tensors], "plan": self.plan,
         }
 
 
@@ -130,7 +133,33 @@ def inspect_file(path: str | Path) -> FileSummary:
         for t in reader.tensors
     ]
     arch = metadata.get("general.architecture")
-    return FileSummary(str(path), path.stat().st_size, arch if isinstance(arch, str) else None, metadata, tensors)
+    plan = None
+    if (field := reader.get_field("atd.plan")) is not None:
+        try:
+            plan = json.loads(string_value(field))
+        except (ValueError, IndexError):
+            raise AtdError(f"{path}: atd.plan is not valid JSON") from None
+    return FileSummary(str(path), path.stat().st_size, arch if isinstance(arch, str) else None, metadata, tensors,
+                       plan)
+
+
+_LINEAR = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+
+
+def planes_table(tensors: list[TensorSummary]) -> list[str]:
+    """Planes of every attention/FFN matrix: one line per role, one digit per layer ("s": a stock type)."""
+    grid: dict[str, dict[int, str]] = {}
+    for t in tensors:
+        m = _LINEAR.match(t.name)
+        if m:
+            planes = re.match(r"^ATD(\d)", t.type)
+            grid.setdefault(m.group(2), {})[int(m.group(1))] = planes.group(1) if planes else "s"
+    layers = sorted({i for row in grid.values() for i in row})
+    if not layers:
+        return []
+    lines = [f"{'layer':<12} " + "".join(str(i % 10) for i in layers)]
+    lines += [f"{role:<12} " + "".join(row.get(i, ".") for i in layers) for role, row in grid.items()]
+    return lines
 
 
 def format_summary(summary: FileSummary, per_tensor: bool = True) -> str:
@@ -149,9 +178,16 @@ def format_summary(summary: FileSummary, per_tensor: bool = True) -> str:
                  f"{summary.bpw:>7.3f}")
     lines.append(f"file {summary.path}: {summary.file_size:,} bytes ({summary.file_size / 2**20:.1f} MiB), "
                  f"architecture {summary.architecture}")
-    atd = {k: v for k, v in summary.metadata.items() if k.startswith("atd.")}
+    atd = {k: v for k, v in summary.metadata.items() if k.startswith("atd.") and k != "atd.plan"}
     if atd:
         lines.append("ATD: " + ", ".join(f"{k[4:]}={v}" for k, v in atd.items()))
+    if summary.plan is not None:
+        p = summary.plan
+        lines.append(f"ATD plan: {p.get('target', '?')}, {p.get('file_bytes', 0):,} bytes planned, "
+                     f"{p.get('bpw', 0):.4f} bpw, estimated loss increase {p.get('est_error', 0):.4g} "
+                     f"({p.get('method', '?')} solver); embeddings: "
+                     + ", ".join(f"{k.split('.')[0]} {v}" for k, v in (p.get("embeddings") or {}).items()))
+        lines += ["planes per layer:"] + ["  " + line for line in planes_table(summary.tensors)]
     return "\n".join(lines)
 
 

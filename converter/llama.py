@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -13,6 +14,9 @@ from .checkpoint import Checkpoint, TensorRef
 from .errors import AtdError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# GGUF names of the attention/FFN weight matrices (what ATD rewrites) and of the embedding matrices
+LINEAR_WEIGHT = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+EMBEDDINGS = ("token_embd.weight", "output.weight")
 ARCH = gguf.MODEL_ARCH.LLAMA
 _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 _ROPE_TYPES_WITHOUT_KEYS = (None, "default", "llama3")

@@ -41,6 +41,8 @@ CALIBRATION_FILES = ["songs-poems", "humorists", "miscellaneous", "platitudes"]
 CALIBRATION_CHUNKS = 40
 # quantized a second time with the same imatrix (ATD: convert --imatrix; stock: llama-quantize --imatrix)
 IMATRIX_STOCK_TYPES = ["Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+# the rungs: an ATD file no larger than each of these stock +imatrix files (convert --target-size)
+RUNGS = ["Q4_K_M", "Q3_K_M", "Q2_K"]
 ATD_PLANES = [1, 2, 3]
 STOCK_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "TQ2_0"]
 # Types whose grids hold Q4_1 values (nearly) exactly: biased in their favour on a model whose weights are Q4_1 values
@@ -93,11 +95,16 @@ def atd_gguf(*args: str) -> None:
     subprocess.run([str(ROOT / ".venv" / "bin" / "atd-gguf"), *args], check=True, stdout=subprocess.DEVNULL)
 
 
+def calibration_text(out: Path) -> Path:
+    """The calibration text (llama-imatrix, convert --calibration): fortune files disjoint from the evaluation text."""
+    return corpus(out, CALIBRATION_FILES, "fortunes-calibration.txt", exclude=FORTUNE_FILES)
+
+
 def make_imatrix(f16: Path, out: Path, threads: int) -> Path:
     """llama-imatrix of the F16 model over the calibration text (kept in build/bench)."""
     path = out / f"{f16.stem}.imatrix.gguf"
     if not path.exists():
-        text = corpus(out, CALIBRATION_FILES, "fortunes-calibration.txt", exclude=FORTUNE_FILES)
+        text = calibration_text(out)
         subprocess.run([str(need(BIN / "llama-imatrix", "patched llama-imatrix")), "-m", str(f16), "-f", str(text),
                         "-o", str(path), "-c", "512", "--chunks", str(CALIBRATION_CHUNKS), "-t", str(threads)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -134,6 +141,19 @@ def models(model_dir: Path, out: Path, threads: int) -> dict[str, Path]:
     imatrix = make_imatrix(f16, out, threads)
     result.update({f"ATD{n} +imatrix": atd(n, imatrix) for n in ATD_PLANES})
     result.update({f"{qtype} +imatrix": stock(qtype, imatrix) for qtype in IMATRIX_STOCK_TYPES})
+
+    def sized(rung: str, fit: list[str], tag: str) -> Path:
+        """ATD planned to the size of the stock rung's +imatrix file."""
+        size = result[f"{rung} +imatrix"].stat().st_size
+        path = out / f"{name}-ATD@{rung}-{tag}.gguf"
+        if not path.exists():
+            atd_gguf("convert", str(model_dir), "-o", str(path), "--target-size", str(size), *fit, "--no-progress")
+        return path
+
+    calibration = calibration_text(out)
+    for rung in RUNGS:
+        result[f"ATD@{rung} +imatrix"] = sized(rung, ["--imatrix", str(imatrix)], "imatrix")
+        result[f"ATD@{rung} +GPTQ"] = sized(rung, ["--calibration", str(calibration)], "gptq")
     return result
 
 
@@ -257,6 +277,19 @@ def main() -> None:
         note = "grid-aligned: biased low" if on_grid and set(linear.split("+")) & GRID_ALIGNED and name != "F16" else ""
         lines.append(f"| {name} | {bpw:.3f} | {bpw_linear:.3f} | {path.stat().st_size / 2**20:.1f} | {linear} | "
                      f"{ppl:.3f} | {kld:.4f} | {kld99:.4f} | {top:.1f} | {note} |")
+    by_name = {r[0]: r for r in rows}
+    lines += ["", "## The rungs: ATD no larger than each stock +imatrix file", "",
+              "'ATD@X' files are `atd-gguf convert --target-size <size of X +imatrix>`: planes per tensor (and the "
+              "embedding type) chosen by the size plan, fitted with the imatrix ('+imatrix') or with GPTQ error "
+              "feedback on the calibration text ('+GPTQ', `--calibration`, the same fortune files as the imatrix).",
+              "", "| rung | stock file | bytes | mean KLD | ATD file | bytes | mean KLD | ATD / stock KLD |",
+              "|---|---|---|---|---|---|---|---|"]
+    for rung in RUNGS:
+        stock = by_name[f"{rung} +imatrix"]
+        for fit in ("+imatrix", "+GPTQ"):
+            atd = by_name[f"ATD@{rung} {fit}"]
+            lines.append(f"| {rung} | {stock[0]} | {stock[1].stat().st_size:,} | {stock[6]:.4f} | {atd[0]} | "
+                         f"{atd[1].stat().st_size:,} | {atd[6]:.4f} | {atd[6] / stock[6]:.2f} |")
     if on_grid:
         grid_note = (
             "* The linear weights lie on a Q4_1 grid (16 levels per 32 weights; a Q4_1 round trip of them has a "
