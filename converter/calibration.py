@@ -80,7 +80,11 @@ class CalibrationError(AtdError, ValueError):
 
 
 def _torch():
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise CalibrationError("--calibration runs the model in torch, which is not installed "
+                               "(pip install torch; `make install` installs the CPU wheel)") from None
     return torch
 
 
