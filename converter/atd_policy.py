@@ -10,7 +10,10 @@
   the checkpoint's own activations (layer by layer), instead of the per-block fit.
 
 The importance that weighs the per-block fit and the plan's error estimates comes from `--imatrix`
-(llama-imatrix output) or, with `--calibration`, from the calibration text's activations.
+(llama-imatrix output) or, with `--calibration`, from the calibration text's activations. Under a
+budget with `--calibration`, each tensor's sensitivity (how much its error raises the loss) is
+measured on the calibration text (converter.sensitivity: an empirical-Fisher pass whose forward
+half also gives that importance) instead of taken from converter.budget's table.
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ class AtdOptions:
     calibration: Path | None = None        # text file: GPTQ fit (and importance, sensitivities)
     calibration_chunks: int = 32
     calibration_ctx: int = 512
+    fisher_chunks: int = 8                 # of the calibration chunks, those the sensitivity pass backpropagates
     _importance: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _sensitivities: object = field(default=None, repr=False)  # converter.sensitivity.Sensitivities
     _plan: object = field(default=None, repr=False)       # converter.budget.Plan under a budget
     _calibrated: object = field(default=None, repr=False)  # converter.calibration.LayerwiseCalibration
 
@@ -152,29 +157,37 @@ class AtdOptions:
                                     max_chunks=self.calibration_chunks)
 
     def _calibrate_statistics(self, llama: LlamaModel) -> None:
-        """Without an imatrix file: the calibration text's mean x² per input column (an unquantized
-        forward pass), for the plan's estimates and the per-block fit of what GPTQ does not fit."""
-        if self.imatrix is not None or not self.planned:
+        """Under a budget: the measured sensitivities for the plan, and (without an imatrix file) the
+        calibration text's mean x² per input column from the same pass's unquantized forward half, for
+        the plan's estimates and the per-block fit of what GPTQ does not fit."""
+        if not self.planned:
             return
-        from .calibration import LayerwiseCalibration
+        from .sensitivity import measure_sensitivity
 
-        self._importance = LayerwiseCalibration(llama.checkpoint.dir, self._tokens(llama)).statistics()
+        self._sensitivities = measure_sensitivity(llama.checkpoint.dir, self._tokens(llama),
+                                                  fisher_chunks=self.fisher_chunks)
+        if self.imatrix is None:
+            self._importance = self._sensitivities.importance
 
     def _make_plan(self, llama: LlamaModel, options: ConvertOptions) -> None:
         from . import budget
 
         sources = list(llama.tensors())
+        measured = self._sensitivities
         tensors = budget.estimate_sources(sources, types_for=self.candidates, importance_for=self.importance_for,
-                                          progress=_progress(options.progress, "estimating"))
+                                          progress=_progress(options.progress, "estimating"),
+                                          row_weights_for=measured.row_weights if measured else None)
+        sensitivity_of = measured.sensitivity if measured else None  # None: budget's table
         if self.bpw is not None:
-            self._plan = budget.plan_for_bpw(tensors, self.bpw)
+            self._plan = budget.plan_for_bpw(tensors, self.bpw, sensitivity_of=sensitivity_of)
             return
         options.file_type = ATD_FILE_TYPE_MIX  # the header size does not depend on these values
         options.extra_kv = self.metadata()
         base = budget.gguf_header_nbytes(header_writer(llama, options)[0])
         self._plan = budget.plan_for_size(
             tensors, self.target_size, target=f"size <= {self.target_size:,} bytes",
-            overhead=lambda plan: base + budget.gguf_string_kv_nbytes("atd.plan", plan.summary_json()))
+            overhead=lambda plan: base + budget.gguf_string_kv_nbytes("atd.plan", plan.summary_json()),
+            sensitivity_of=sensitivity_of)
 
     def _start_gptq(self, llama: LlamaModel) -> None:
         from .calibration import GptqQuantizer, LayerwiseCalibration
@@ -202,6 +215,8 @@ class AtdOptions:
         if self.calibration is not None:
             kv["atd.calibration"] = Path(self.calibration).name
             kv["atd.calibration_tokens"] = self.calibration_chunks * self.calibration_ctx
+        if self.planned:  # where the plan's per-tensor sensitivities came from
+            kv["atd.sensitivity"] = "fisher" if self.calibration is not None else "table"
         if self._plan is not None:
             kv["atd.plan"] = self._plan.summary_json()
         return kv

@@ -25,6 +25,13 @@ whole-tensor ratio called the massive-channel blk.11.ffn_down the most robust te
 model; it is 7x more damaging than its neighbours). KL grows about linearly with it (exponent
 1.1 between 1 and 2 planes), so the loss increases add up over tensors, as the knapsack assumes.
 The remaining factor between roles and layers is the sensitivity table below.
+
+Measured sensitivities (converter.sensitivity, `--calibration`) replace the table: each output row
+i gets a weight w_i (loss per unit noise-to-signal ratio, from an empirical-Fisher pass over the
+calibration text), the error becomes the w-weighted mean of the sampled rows' ratios and the
+sensitivity the sum of w over all rows, so error x sensitivity estimates sum_i w_i r_i (a ratio
+estimator: rows missing from the sample count at the weighted mean, which keeps a tensor whose few
+high-weight rows the sample misses from looking harmless). Without them, the table.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ __all__ = [
     "sensitivity", "default_sensitivity", "weigh",
     "SAMPLE_MIN_ROWS", "SAMPLE_WEIGHTS", "sample_size", "sample_rows", "Option", "TensorOptions",
     "fixed_tensor", "estimate_tensor", "estimate_from_rows", "default_roundtrip", "sampled_source_rows",
+    "RowWeightsFor",
     "estimate_sources",
     "solve", "solve_with_method", "Plan", "PlannedTensor", "make_plan", "plan_for_size", "plan_for_bpw",
     "smallest_plan",
@@ -243,14 +251,31 @@ def _mean_and_rel_stderr(r: np.ndarray, sampled_fraction: float) -> tuple[float,
     return mean, float(math.sqrt((1.0 - sampled_fraction) * r.var(ddof=1) / k) / mean)
 
 
+def _weighted_mean_and_rel_stderr(r: np.ndarray, weights: np.ndarray,
+                                  sampled_fraction: float) -> tuple[float, float]:
+    """sum(w r) / sum(w) and the ratio estimator's relative standard error (finite population)."""
+    total = float(weights.sum())
+    if r.size == 0 or not total > 0:
+        return _mean_and_rel_stderr(r, sampled_fraction)  # no row carries weight: the plain mean
+    mean = float(weights @ r) / total
+    k = r.size
+    if k < 2 or sampled_fraction >= 1 or mean <= 0:
+        return mean, 0.0
+    var = (1.0 - sampled_fraction) * float(np.square(weights * (r - mean)).sum()) / (k - 1) / k
+    return mean, float(math.sqrt(var) / (total / k) / mean)
+
+
 def estimate_from_rows(name: str, shape: Sequence[int], rows: np.ndarray, *,
                        types: Iterable[QT] | None = None, importance: np.ndarray | None = None,
-                       roundtrip: RoundTrip = default_roundtrip) -> TensorOptions:
+                       roundtrip: RoundTrip = default_roundtrip,
+                       row_weights: np.ndarray | None = None) -> TensorOptions:
     """The candidates of a tensor of `shape`, from the rows sample_rows(*shape) picks (in that order).
 
     error = mean over rows i of  sum_j h_j (w_ij - ŵ_ij)^2 / sum_j h_j w_ij^2  (h = importance, 1
     without or if all zero): the mean noise-to-signal ratio of the output channels. All-zero rows
     (no signal) are left out of the mean. The planner multiplies it by the tensor's sensitivity().
+    row_weights (one >= 0 per given row, e.g. converter.sensitivity's measured loss per unit ratio):
+    the mean is weighted by them (the plain mean if the live rows' weights are all zero).
     A type the encoder refuses (ATD: a scale beyond fp16) is left out (the stock fallback if none is
     left); an error that is not finite (F16 overflow) becomes inf, so it is never chosen.
     """
@@ -267,6 +292,10 @@ def estimate_from_rows(name: str, shape: Sequence[int], rows: np.ndarray, *,
     w64 = w.astype(np.float64)
     signal = np.square(w64) @ h
     live = signal > 0
+    if row_weights is not None:
+        row_weights = np.asarray(row_weights, dtype=np.float64).reshape(-1)
+        if row_weights.shape != (w.shape[0],) or not (np.isfinite(row_weights).all() and (row_weights >= 0).all()):
+            raise ValueError(f"{name}: row_weights must be {w.shape[0]} finite values >= 0 (one per row)")
     n_total = int(np.prod(shape[:-1], dtype=np.int64))
     options = []
     for qtype in types:
@@ -283,24 +312,27 @@ def estimate_from_rows(name: str, shape: Sequence[int], rows: np.ndarray, *,
             raise
         with np.errstate(over="ignore", invalid="ignore"):
             noise = np.square(w64 - decoded.astype(np.float64)) @ h
-            mean, rel_se = _mean_and_rel_stderr(noise[live] / signal[live], w.shape[0] / n_total)
+            ratio, fraction = noise[live] / signal[live], w.shape[0] / n_total
+            mean, rel_se = (_mean_and_rel_stderr(ratio, fraction) if row_weights is None else
+                            _weighted_mean_and_rel_stderr(ratio, row_weights[live], fraction))
         options.append(Option(qtype, nbytes, mean if math.isfinite(mean) else math.inf, rel_se))
     if not options:  # as the format asks (docs/atd-format.md §7): keep such a tensor in a stock type
         fallback = _stock_fallback(shape)
         if fallback in types:
             raise ValueError(f"{name}: none of the candidate types {[q.name for q in types]} can encode it")
         return estimate_from_rows(name, shape, rows, types=(fallback,), importance=importance,
-                                  roundtrip=roundtrip)
+                                  roundtrip=roundtrip, row_weights=row_weights)
     return TensorOptions(name, shape, tuple(options), sampled_rows=w.shape[0])
 
 
 def estimate_tensor(name: str, w: np.ndarray, *, types: Iterable[QT] | None = None,
                     importance: np.ndarray | None = None,
                     roundtrip: RoundTrip = default_roundtrip, min_rows: int = SAMPLE_MIN_ROWS,
-                    sample_weights: int = SAMPLE_WEIGHTS) -> TensorOptions:
+                    sample_weights: int = SAMPLE_WEIGHTS, row_weights: np.ndarray | None = None) -> TensorOptions:
     """estimate_from_rows() on the sample_rows() of the full tensor `w` (rows, cols).
 
-    1-D tensors and norms get their single fixed type without any work.
+    row_weights: one per row of `w` (or None). 1-D tensors and norms get their single fixed type
+    without any work.
     """
     shape = tuple(int(s) for s in w.shape)
     types = tuple(types) if types is not None else candidate_types(name, shape)
@@ -308,7 +340,21 @@ def estimate_tensor(name: str, w: np.ndarray, *, types: Iterable[QT] | None = No
         return fixed_tensor(name, shape, types[0])
     w2 = w.reshape(-1, shape[-1])
     idx = sample_rows(w2.shape[0], shape[-1], min_rows=min_rows, sample_weights=sample_weights)
-    return estimate_from_rows(name, shape, w2[idx], types=types, importance=importance, roundtrip=roundtrip)
+    return estimate_from_rows(name, shape, w2[idx], types=types, importance=importance, roundtrip=roundtrip,
+                              row_weights=_sampled_weights(name, row_weights, w2.shape[0], idx))
+
+
+def _sampled_weights(name: str, row_weights, n_rows: int, idx: np.ndarray) -> np.ndarray | None:
+    if row_weights is None:
+        return None
+    row_weights = np.asarray(row_weights, dtype=np.float64).reshape(-1)
+    if row_weights.size != n_rows:
+        raise ValueError(f"{name}: {row_weights.size} row weights for a tensor of {n_rows} rows")
+    return row_weights[idx]
+
+
+#: (GGUF name) -> per-row weights of that tensor (GGUF row order) or None (the plain mean)
+RowWeightsFor = Callable[[str], "np.ndarray | None"]
 
 
 def sampled_source_rows(source) -> np.ndarray:
@@ -323,10 +369,12 @@ def sampled_source_rows(source) -> np.ndarray:
 
 def estimate_sources(sources, *, types_for: Callable[[str, tuple[int, ...]], Sequence[QT]] = candidate_types,
                      importance_for: Callable[[str, int], "np.ndarray | None"] = lambda name, cols: None,
-                     progress: Callable[[str], None] | None = None) -> list[TensorOptions]:
+                     progress: Callable[[str], None] | None = None,
+                     row_weights_for: RowWeightsFor | None = None) -> list[TensorOptions]:
     """estimate_from_rows() for every tensor of a model (converter.llama.SourceTensor), one at a time.
 
-    types_for(name, shape): the candidates; importance_for(name, cols): the imatrix vector or None.
+    types_for(name, shape): the candidates; importance_for(name, cols): the imatrix vector or None;
+    row_weights_for(name): measured per-row weights or None (converter.sensitivity.Sensitivities.row_weights).
     Tensors with a single candidate (norms) cost no work.
     """
     out = []
@@ -341,15 +389,20 @@ def estimate_sources(sources, *, types_for: Callable[[str, tuple[int, ...]], Seq
         rows = sampled_source_rows(source)
         if not np.isfinite(rows).all():
             raise AtdError(f"tensor {source.name} contains NaN or Inf values")
+        weights = None if row_weights_for is None else row_weights_for(source.name)
+        n_rows = source.shape[0]
         out.append(estimate_from_rows(source.name, shape, rows, types=types,
-                                      importance=importance_for(source.name, shape[-1])))
+                                      importance=importance_for(source.name, shape[-1]),
+                                      row_weights=_sampled_weights(source.name, weights, n_rows,
+                                                                   sample_rows(n_rows, rows.shape[-1]))))
     return out
 
 
 # ----------------------------------------------------------------------------- sensitivity
 
 # Sensitivity: expected loss increase (KL to the unquantized model, nats per token) per unit of the
-# mean channel noise-to-signal ratio that estimate_tensor() measures. Measured on SmolLM2-135M
+# mean channel noise-to-signal ratio that estimate_tensor() measures. The fallback when the user's
+# model has not been measured (no --calibration; converter.sensitivity otherwise). Measured on SmolLM2-135M
 # (imatrix-weighted ATD1/ATD2, one tensor quantized at a time, 512 held-out tokens): geometric means
 # over the middle layers; the spread within a role is about x1.5 (sd of log 0.13..0.48).
 ROLE_SENSITIVITY: dict[str, float] = {
