@@ -1,17 +1,18 @@
 // ATD x q8 dot products (the vec_dot kernels of atd.h) and their dispatch (format version 2).
 //
-//   sum_e w_e x_e = sum_blocks d_y * sum_i alpha_i * sum_e t_ie q_e,   t = code - 1
+//   sum_e w_e x_e = sum_blocks sum_h d_y[h] * sum_i alpha_i * sum_{e in h} t_ie q_e,   t = code - 1
 //
 // B = 256 blocks meet one q8_K block (natural order: digit k of plane byte j pairs with q[52k + j];
 // the bsums give sum q). B = 64 blocks meet one block_atd_q8_64 (a scale per 32), whose activations
-// are stored in 16-byte groups by digit (atd.h), with the sum of each half. Decoding a base-3 byte b: in a
-// 16-bit lane holding b << 8, mulhi(lane, 3) is the top digit and lane * 3 moves to the next one
-// (docs/atd-format.md §8). Padding slots hold code 0, so whatever activation they meet adds 0.
+// are stored in 16-byte groups by digit (atd.h), with the sum of each half. Padding slots hold code 0,
+// so whatever activation they meet adds 0.
 //
 // Paths: scalar reference (always), AVX2 (maddubs, or vpdpbusd with AVX-VNNI / AVX512-VL), AVX-512
-// (F/BW/VL/VNNI), NEON. Every path computes the exact integer plane sums and then the same float
-// combination (below), so all paths return the same bits and tests compare them with ==.
+// (F/BW/VL/VNNI, with a VBMI variant), NEON. Every path computes the exact integer plane sums and then
+// the same float combination (below), so all paths return the same bits and tests compare them with ==.
+// The batched kernels (more than one activation row) are in atd-mm.c.
 #include "atd.h"
+#include "atd-simd.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -48,38 +49,28 @@ static inline uint16_t atd_dot_load_u16(const uint8_t * p) {
     return (uint16_t)(p[0] | p[1] << 8);
 }
 
-#define ATD_S256 ATD_PLANE_BYTES(QK_ATD)     // 52
-#define ATD_S64  ATD_PLANE_BYTES(QK_ATD_64)  // 13
-#define ATD_CHUNK 64                          // blocks whose integer sums are kept at once
-#define ATD_ISUMS (2 * ATD_MAX_PLANES)        // per block: isum[h * ATD_MAX_PLANES + i], half h, plane i
+#define ATD_S256  ATD_PLANE_BYTES(QK_ATD)     // 52
+#define ATD_S64   ATD_PLANE_BYTES(QK_ATD_64)  // 13
+#define ATD_LANES 16                          // block b's float part goes to lane b % 16
 
-// ---- scalar reference ------------------------------------------------------------------------------
+// ---- the float combination (shared by every path) ---------------------------------------------------
 //
-// The float combination, shared by every path. A block meets H activation scales d_y[h] (H = 1 for
-// q8_K, H = 2 for atd_q8_64: one per 32 weights):
-//   isum_hi = sum_{e in h} c_ie*q_e - sum_{e in h} q_e        (int32, exact; c = t + 1)
-//   acc_h   = sum_i (double)alpha_i * (double)isum_hi         (plane order 0..N-1; products exact)
-//   part    = (double)d_y[0] * (double)(float)acc_0  [+ (double)d_y[1] * (double)(float)acc_1]
-//   sum[b % 4] += part;  result = (float)((sum0 + sum1) + (sum2 + sum3))
-// Every product is exact in double (11 x 16 bits, 24 x 24 bits), so FMA contraction cannot change
-// a result, and the additions happen in the same order in every path; the SIMD paths combine 4
-// blocks at once (one block per double lane, lane b % 4).
+// A block meets H activation scales d_y[h] (H = 1 for q8_K, H = 2 for atd_q8_64: one per 32 weights):
+//   isum_hi = sum_{e in h} c_ie*q_e - sum_{e in h} q_e      (int32, exact; c = t + 1)
+//   a_h     = fma(alpha_{N-1}, isum_{h,N-1}, ... fma(alpha_0, isum_{h,0}, 0))   (float, plane order)
+//   lane    = fma(d_y[h], a_h, lane),  lane = acc[b % 16],  h = 0 then 1
+//   result  = the 16 lanes added pairwise: (i, i+8), then (i, i+4), (i, i+2), (0, 1)
+// Every multiply-add is an explicit fused one (fmaf here, vfmadd / vfmaq in SIMD), so contraction
+// flags cannot change a bit, and the order is fixed: the SIMD paths hold 16 blocks' sums and
+// combine them at once, block b in lane b % 16, exactly as this loop does one at a time.
 
-static inline double atd_dot_part(const uint8_t * blk, const float * dy, const int32_t * isum, int planes,
-                                  int halves) {
-    double part = 0.0;
-    for (int h = 0; h < halves; ++h) {
-        double acc = 0.0;
-        for (int i = 0; i < planes; ++i) {
-            acc += (double)atd_dot_h2f(atd_dot_load_u16(blk + 2 * i)) * (double)isum[h * ATD_MAX_PLANES + i];
+static inline float atd_dot_reduce16(float * a) {
+    for (int w = ATD_LANES / 2; w >= 1; w /= 2) {
+        for (int i = 0; i < w; ++i) {
+            a[i] = a[i] + a[i + w];
         }
-        part += (double)dy[h] * (double)(float)acc;
     }
-    return part;
-}
-
-static inline float atd_dot_finish(const double * sum) {
-    return (float)((sum[0] + sum[1]) + (sum[2] + sum[3]));
+    return a[0];
 }
 
 static void atd_isum_256_scalar(const uint8_t * blk, const block_q8_K * yb, int planes, int32_t * isum) {
@@ -120,86 +111,81 @@ static inline const float * atd_dot_dy(const void * vy, int block, int b) {
     return block == QK_ATD ? &((const block_q8_K *)vy)[b].d : ((const block_atd_q8_64 *)vy)[b].d;
 }
 
-static inline void atd_isum_scalar(const uint8_t * blk, const void * vy, int block, int b, int planes,
-                                   int32_t * isum) {
-    if (block == QK_ATD) {
-        atd_isum_256_scalar(blk, (const block_q8_K *)vy + b, planes, isum);
-    } else {
-        atd_isum_64_scalar(blk, (const block_atd_q8_64 *)vy + b, planes, isum);
-    }
-}
-
 static void atd_vec_dot_scalar(int n, float * s, const void * vx, const void * vy, int planes, int block) {
-    const uint8_t * x   = (const uint8_t *)vx;
-    const size_t    bsz = ATD_TYPE_SIZE(planes, block);
-    double          sum[4] = { 0.0, 0.0, 0.0, 0.0 };
+    const uint8_t * x      = (const uint8_t *)vx;
+    const size_t    bsz    = ATD_TYPE_SIZE(planes, block);
+    const int       halves = atd_dot_halves(block);
+    float           acc[ATD_LANES] = { 0.0f };
     for (int b = 0; b < n / block; ++b) {
-        int32_t isum[ATD_ISUMS];
-        atd_isum_scalar(x + (size_t)b * bsz, vy, block, b, planes, isum);
-        sum[b & 3] += atd_dot_part(x + (size_t)b * bsz, atd_dot_dy(vy, block, b), isum, planes, atd_dot_halves(block));
+        const uint8_t * blk = x + (size_t)b * bsz;
+        int32_t         isum[2 * ATD_MAX_PLANES];
+        if (block == QK_ATD) {
+            atd_isum_256_scalar(blk, (const block_q8_K *)vy + b, planes, isum);
+        } else {
+            atd_isum_64_scalar(blk, (const block_atd_q8_64 *)vy + b, planes, isum);
+        }
+        const float * dy = atd_dot_dy(vy, block, b);
+        for (int h = 0; h < halves; ++h) {
+            float a = 0.0f;
+            for (int i = 0; i < planes; ++i) {
+                a = fmaf(atd_dot_h2f(atd_dot_load_u16(blk + 2 * i)), (float)isum[h * ATD_MAX_PLANES + i], a);
+            }
+            acc[b % ATD_LANES] = fmaf(dy[h], a, acc[b % ATD_LANES]);
+        }
     }
-    *s = atd_dot_finish(sum);
+    *s = atd_dot_reduce16(acc);
 }
 
-// ---- x86: which SIMD paths exist in this build ---------------------------------------------------------
-//
-// Standalone (cffi) builds compile every x86 path with per-function target attributes and pick one
-// at run time (__builtin_cpu_supports). Inside ggml (ATD_IN_GGML) the paths follow the compiler's
-// -m flags (__AVX2__, __AVX512VNNI__, ...), like the rest of ggml-cpu, and no attributes are used.
+// ---- the SIMD paths' staging area: 16 blocks' integer sums, scales and activation scales ----------------
 
-#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
-#define ATD_X86 1
-#endif
+typedef struct {
+    int32_t  isum[2][ATD_MAX_PLANES][ATD_LANES];  // [half][plane][block % 16], sum t q (exact)
+    uint16_t alpha[ATD_MAX_PLANES][ATD_LANES];    // fp16 plane scales
+    float    dy[2][ATD_LANES];                    // activation scales
+} atd_group;
 
-#if defined(ATD_X86) && defined(ATD_IN_GGML)
-#define ATD_RUNTIME_DISPATCH 0
-#if defined(_MSC_VER) && defined(__AVX2__)
-// MSVC has no -mfma/-mf16c macros; every AVX2 CPU has both (ggml-cpu-impl.h does the same)
-#ifndef __FMA__
-#define __FMA__
-#endif
-#ifndef __F16C__
-#define __F16C__
-#endif
-#endif
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define ATD_HAVE_AVX2 1
-#if defined(__AVXVNNI__)
-#define ATD_HAVE_AVXVNNI 1
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
-#define ATD_HAVE_AVX512 1
-#endif
-#endif
-#define ATD_TARGET_AVX2
-#define ATD_TARGET_AVXVNNI
-#define ATD_TARGET_AVX512
-#elif defined(ATD_X86) && (defined(__GNUC__) || defined(__clang__))
-#define ATD_RUNTIME_DISPATCH 1
-#define ATD_HAVE_AVX2    1
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
-#define ATD_HAVE_AVXVNNI 1  // the avxvnni target needs gcc 11 / clang 12
-#endif
-#define ATD_HAVE_AVX512  1
-#define ATD_TARGET_AVX2    __attribute__((target("avx2,fma,f16c")))
-#define ATD_TARGET_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
-#define ATD_TARGET_AVX512  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-#else
-#define ATD_RUNTIME_DISPATCH 0
-#endif
+// block b's scales into lane l
+static inline void atd_group_put_scales(atd_group * g, int l, const uint8_t * blk, const float * dy, int planes,
+                                        int halves) {
+    for (int i = 0; i < planes; ++i) {
+        g->alpha[i][l] = atd_dot_load_u16(blk + 2 * i);
+    }
+    for (int h = 0; h < halves; ++h) {
+        g->dy[h][l] = dy[h];
+    }
+}
+
+// lanes m..15 of a last, partial group add nothing (d_y = 0, finite sums and scales)
+static inline void atd_group_clear_tail(atd_group * g, int m) {
+    for (int l = m; l < ATD_LANES; ++l) {
+        for (int h = 0; h < 2; ++h) {
+            g->dy[h][l] = 0.0f;
+            for (int i = 0; i < ATD_MAX_PLANES; ++i) g->isum[h][i][l] = 0;
+        }
+        for (int i = 0; i < ATD_MAX_PLANES; ++i) g->alpha[i][l] = 0;
+    }
+}
 
 #if defined(ATD_HAVE_AVX2)
-#include <immintrin.h>
 
-#if defined(__GNUC__) || defined(__clang__)
-#define ATD_INLINE static inline __attribute__((always_inline))
-#define ATD_UNROLL _Pragma("GCC unroll 8")
-#else
-#define ATD_INLINE static inline
-#define ATD_UNROLL
+// ---- shared x86 pieces: reductions and the float combination of 4 blocks ------------------------------
+//
+// The x86 paths take 4 blocks per step: the integer sums of each (half, plane) of the 4 blocks in one
+// int32x4, the 4 blocks' plane scales and activation scales as float32x4, and accumulate lanes
+// 4q..4q+3 of the 16 (q = (b0 % 16) / 4) in S[q], exactly as the scalar loop does.
+
+// Weight rows stream from memory once per token: prefetch a fixed distance ahead (into the next rows,
+// which the next calls read; a prefetch never faults). The masked and unaligned plane loads alone leave
+// the hardware prefetchers behind.
+#ifndef ATD_PREFETCH_DIST
+#define ATD_PREFETCH_DIST 2048
 #endif
-
-// ---- shared AVX2 pieces: reductions and the float combination --------------------------------------
+#define ATD_PREFETCH_BLOCK(p, bsz)                                                                   \
+    do {                                                                                             \
+        for (size_t o_ = 0; o_ < (bsz); o_ += 64) {                                                  \
+            _mm_prefetch((const char *)(p) + ATD_PREFETCH_DIST + o_, _MM_HINT_T0);                   \
+        }                                                                                            \
+    } while (0)
 
 // 4 vectors of 8 int32 -> [sum a, sum b, sum c, sum d]
 ATD_TARGET_AVX2 ATD_INLINE __m128i atd_hsum4_epi32(__m256i a, __m256i b, __m256i c, __m256i d) {
@@ -209,68 +195,98 @@ ATD_TARGET_AVX2 ATD_INLINE __m128i atd_hsum4_epi32(__m256i a, __m256i b, __m256i
     return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
 }
 
-// 4 fp16 packed into a 64-bit integer (scalar loads: the vector ports are the bottleneck here)
-static inline uint64_t atd_pack4_u16(const uint8_t * p, size_t stride) {
-    return (uint64_t)atd_dot_load_u16(p) | (uint64_t)atd_dot_load_u16(p + stride) << 16 |
-           (uint64_t)atd_dot_load_u16(p + 2 * stride) << 32 | (uint64_t)atd_dot_load_u16(p + 3 * stride) << 48;
-}
-
-// 4 blocks' int32 sums of 4 planes (block-major rows) -> plane-major vectors [b0 b1 b2 b3]
-ATD_TARGET_AVX2 ATD_INLINE void atd_transpose4(const int32_t * row0, size_t stride, __m128i * r) {
-    for (int g = 0; g < 4; ++g) r[g] = _mm_load_si128((const __m128i *)(row0 + g * stride));
-    const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpacklo_epi32(r[2], r[3]);
-    const __m128i t2 = _mm_unpackhi_epi32(r[0], r[1]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
-    r[0] = _mm_unpacklo_epi64(t0, t1);
-    r[1] = _mm_unpackhi_epi64(t0, t1);
-    r[2] = _mm_unpacklo_epi64(t2, t3);
-    r[3] = _mm_unpackhi_epi64(t2, t3);
-}
-
-// atd_dot_part for blocks b..b+3 (lane g = block b+g), added to sumv; isum: [4][ATD_ISUMS]
-ATD_TARGET_AVX2 ATD_INLINE __m256d atd_combine4(__m256d sumv, const uint8_t * blk, size_t bsz, const __m128 * dy,
-                                                const int32_t (*isum)[ATD_ISUMS], int planes, int halves) {
-    __m256d a[ATD_MAX_PLANES];
-    for (int i = 0; i < planes; ++i) {
-        const __m128i h16 = _mm_set_epi64x(0, (long long)atd_pack4_u16(blk + 2 * i, bsz));
-        a[i] = _mm256_cvtps_pd(_mm_cvtph_ps(h16));  // exact
+// the plane scales of 4 blocks (block j at blk + j * bsz, j < m; planes 0..3): alpha[i] = [b0 b1 b2 b3]
+ATD_TARGET_AVX2 ATD_INLINE void atd_alpha4(const uint8_t * blk, size_t bsz, int m, __m128 * alpha) {
+    // 8 bytes per block (inside any block), in registers: no store-to-load forwarding on this path
+    __m128i w[4];
+    for (int j = 0; j < 4; ++j) {
+        w[j] = j < m ? _mm_loadl_epi64((const __m128i *)(blk + (size_t)j * bsz)) : _mm_setzero_si128();
     }
-    __m256d part = _mm256_setzero_pd();
+    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi64(w[0], w[1])),
+                                        _mm_unpacklo_epi64(w[2], w[3]), 1);
+    // per 128-bit lane: b0p0 b1p0 b0p1 b1p1 b0p2 b1p2 b0p3 b1p3, then pairs of blocks side by side
+    v = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                                0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15));
+    v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    const __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(v));       // planes 0, 1
+    const __m256 hi = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));  // planes 2, 3
+    alpha[0] = _mm256_castps256_ps128(lo);
+    alpha[1] = _mm256_extractf128_ps(lo, 1);
+    alpha[2] = _mm256_castps256_ps128(hi);
+    alpha[3] = _mm256_extractf128_ps(hi, 1);
+}
+
+// the activation scales of 4 blocks: q8_K (dy[0]) or atd_q8_64 (dy[0], dy[1]); missing blocks 0
+ATD_TARGET_AVX2 ATD_INLINE void atd_dy4_256(const block_q8_K * y, int m, __m128 * dy) {
+    dy[0] = _mm_setr_ps(y[0].d, m > 1 ? y[1].d : 0.0f, m > 2 ? y[2].d : 0.0f, m > 3 ? y[3].d : 0.0f);
+}
+// the activation scales and sums of q of 4 blocks of atd_q8_64 (d[2], sum[2] open each block): a 4x4
+// transpose; missing blocks give 0
+ATD_TARGET_AVX2 ATD_INLINE void atd_head4_64(const block_atd_q8_64 * y, int m, __m128 * dy, __m128i * sq) {
+    __m128i v[4];
+    for (int j = 0; j < 4; ++j) v[j] = j < m ? _mm_loadu_si128((const __m128i *)&y[j]) : _mm_setzero_si128();
+    const __m128i t0 = _mm_unpacklo_epi32(v[0], v[1]), t1 = _mm_unpacklo_epi32(v[2], v[3]);
+    const __m128i t2 = _mm_unpackhi_epi32(v[0], v[1]), t3 = _mm_unpackhi_epi32(v[2], v[3]);
+    dy[0] = _mm_castsi128_ps(_mm_unpacklo_epi64(t0, t1));
+    dy[1] = _mm_castsi128_ps(_mm_unpackhi_epi64(t0, t1));
+    sq[0] = _mm_unpacklo_epi64(t2, t3);
+    sq[1] = _mm_unpackhi_epi64(t2, t3);
+}
+
+// lanes 4q..4q+3 of the 16: S = fma(dy[h], sum_i fma(alpha_i, isum_hi, .), S) for h = 0, then 1
+ATD_TARGET_AVX2 ATD_INLINE __m128 atd_combine4(__m128 S, const __m128i (*isum)[ATD_MAX_PLANES], const __m128 * alpha,
+                                              const __m128 * dy, int planes, int halves) {
     for (int h = 0; h < halves; ++h) {
-        __m128i r[4];
-        atd_transpose4(isum[0] + h * ATD_MAX_PLANES, ATD_ISUMS, r);
-        __m256d acc = _mm256_setzero_pd();
+        __m128 acc = _mm_setzero_ps();
         for (int i = 0; i < planes; ++i) {
-            acc = _mm256_add_pd(acc, _mm256_mul_pd(a[i], _mm256_cvtepi32_pd(r[i])));  // exact products
+            acc = _mm_fmadd_ps(alpha[i], _mm_cvtepi32_ps(isum[h][i]), acc);
         }
-        const __m256d accf = _mm256_cvtps_pd(_mm256_cvtpd_ps(acc));  // (double)(float)acc
-        part = _mm256_add_pd(part, _mm256_mul_pd(_mm256_cvtps_pd(dy[h]), accf));
+        S = _mm_fmadd_ps(dy[h], acc, S);
     }
-    return _mm256_add_pd(sumv, part);
+    return S;
 }
 
-// the combination over nb blocks whose integer sums are in isum; sum[4] is updated in place
-ATD_TARGET_AVX2 ATD_INLINE void atd_combine_blocks(double * sum, const uint8_t * x, size_t bsz, const void * vy,
-                                                   int block, int b0, int nb,
-                                                   const int32_t (*isum)[ATD_ISUMS], int planes) {
-    // b0 % 4 == 0, so lane g of a group is block (b0 + b + g) % 4
-    const int halves = atd_dot_halves(block);
-    __m256d   sumv   = _mm256_loadu_pd(sum);
-    int       b      = 0;
-    for (; b + 4 <= nb; b += 4) {
-        const int j = b0 + b;
-        __m128    dy[2];
-        for (int h = 0; h < halves; ++h) {
-            dy[h] = _mm_setr_ps(atd_dot_dy(vy, block, j)[h], atd_dot_dy(vy, block, j + 1)[h],
-                                atd_dot_dy(vy, block, j + 2)[h], atd_dot_dy(vy, block, j + 3)[h]);
-        }
-        sumv = atd_combine4(sumv, x + (size_t)j * bsz, bsz, dy, isum + b, planes, halves);
-    }
-    _mm256_storeu_pd(sum, sumv);
-    for (; b < nb; ++b) {
-        const int j = b0 + b;
-        sum[j & 3] += atd_dot_part(x + (size_t)j * bsz, atd_dot_dy(vy, block, j), isum[b], planes, halves);
-    }
+// the 16 lanes S[0] | S[1] | S[2] | S[3] added pairwise as atd_dot_reduce16 does
+ATD_TARGET_AVX2 ATD_INLINE float atd_finish4(const __m128 * S) {
+    __m128 c = _mm_add_ps(_mm_add_ps(S[0], S[2]), _mm_add_ps(S[1], S[3]));  // (i, i+8), then (i, i+4)
+    c = _mm_add_ps(c, _mm_movehl_ps(c, c));                                 // (i, i+2)
+    c = _mm_add_ss(c, _mm_shuffle_ps(c, c, 1));                             // (0, 1)
+    return _mm_cvtss_f32(c);
 }
+
+// The 4-block driver of the 256-blocks: ACC(blk, yb, planes, acc) leaves per plane a vector of 8 int32
+// whose sum is (sum t q) << SHIFT.
+#define ATD_DEFINE_K256(NAME, TARGET, ACC, SHIFT)                                                            \
+    TARGET ATD_INLINE void NAME(int n, float * s, const uint8_t * x, const block_q8_K * y, const int planes) { \
+        const int    nb  = n / QK_ATD;                                                                      \
+        const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD);                                                   \
+        __m128       S[4] = { _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps() };     \
+        for (int b16 = 0; b16 < nb; b16 += ATD_LANES) {                                                     \
+          ATD_UNROLL for (int q = 0; q < 4; ++q) { /* unrolled: S[q] stays in a register */                \
+            const int b0 = b16 + 4 * q;                                                                     \
+            if (b0 >= nb) break;                                                                            \
+            const int m = nb - b0 < 4 ? nb - b0 : 4;                                                        \
+            __m256i   acc[4][ATD_MAX_PLANES];                                                               \
+            ATD_UNROLL for (int j = 0; j < 4; ++j) {                                                        \
+                if (j < m) {                                                                                \
+                    ATD_PREFETCH_BLOCK(x + (size_t)(b0 + j) * bsz, bsz);                                    \
+                    ACC(x + (size_t)(b0 + j) * bsz, y + b0 + j, planes, acc[j]);                            \
+                } else {                                                                                    \
+                    for (int i = 0; i < planes; ++i) acc[j][i] = _mm256_setzero_si256();                     \
+                }                                                                                           \
+            }                                                                                               \
+            __m128i isum[1][ATD_MAX_PLANES];                                                                \
+            __m128  alpha[ATD_MAX_PLANES], dy[1];                                                           \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                isum[0][i] = _mm_srai_epi32(atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]), SHIFT); \
+            }                                                                                               \
+            atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
+            atd_dy4_256(y + b0, m, dy);                                                                     \
+            S[q] = atd_combine4(S[q], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 1);       \
+          }                                                                                                 \
+        }                                                                                                   \
+        *s = atd_finish4(S);                                                                                \
+    }
 
 // ---- AVX2 ------------------------------------------------------------------------------------------------
 //
@@ -282,6 +298,10 @@ ATD_TARGET_AVX2 ATD_INLINE void atd_combine_blocks(double * sum, const uint8_t *
 // Three flavours of the unsigned x signed byte dot:
 //   mad:  maddubs (pairs: |.| <= 2*2*128), summed in int16 (<= 10 terms), one madd to int32;
 //   vnni: vpdpbusd straight into int32 (AVX-VNNI);  evex: the AVX512-VL encoding of vpdpbusd.
+// With vpdpbusd the 256-blocks skip the digit decoding altogether (the "x-trick"): with x_0 = byte and
+// x_{k+1} = 3 x_k mod 256 (two byte adds), the code of digit k is (3 x_k - x_{k+1}) / 256, so
+//   sum_j c_k(j) q(j) = (3 sum_j x_k(j) q(j) - sum_j x_{k+1}(j) q(j)) / 256,
+// two vpdpbusd on the raw bytes (0..255, exact in int32) instead of two multiplies, an or and four adds.
 
 // codes of the current digit of 32 bytes held as even lanes (b << 8) and odd lanes (b & 0xff00)
 ATD_TARGET_AVX2 ATD_INLINE __m256i atd_digit256(__m256i ev, __m256i od) {
@@ -292,6 +312,9 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_digit256(__m256i ev, __m256i od) {
 }
 ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi16(__m256i v) {
     return _mm256_add_epi16(_mm256_add_epi16(v, v), v);
+}
+ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi8(__m256i v) {
+    return _mm256_add_epi8(_mm256_add_epi8(v, v), v);
 }
 
 #define ATD_AVX2_DOT_mad_T             __m256i
@@ -307,45 +330,73 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi16(__m256i v) {
 #define ATD_AVX2_DOT_evex_ADD(a, c, q) _mm256_dpbusd_epi32((a), (c), (q))
 #define ATD_AVX2_DOT_evex_I32(a)       (a)
 
-#define ATD_DEFINE_AVX2_KERNELS(SFX, TARGET)                                                                 \
-    /* integer plane sums of one 256-block: out[i], i < planes */                                           \
-    TARGET ATD_INLINE void atd_isum256_avx2_##SFX(const uint8_t * blk, const block_q8_K * yb, const int planes, \
-                                                  int32_t * out) {                                         \
-        const __m256i hi   = _mm256_set1_epi16((short)0xff00);                                              \
+// one 256-block with maddubs: acc[i] sums to sum t q of plane i
+ATD_TARGET_AVX2 ATD_INLINE void atd_acc256_avx2_mad(const uint8_t * blk, const block_q8_K * yb, const int planes,
+                                                   __m256i * acc) {
+    const __m256i hi   = _mm256_set1_epi16((short)0xff00);
+    const __m256i tail = _mm256_setr_epi32(0, 0, 0, -1, -1, -1, -1, -1);  // lanes 12..31
+    __m256i       qa[ATD_TRITS_PER_BYTE], qb[ATD_TRITS_PER_BYTE];
+    ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+        qa[k] = _mm256_loadu_si256((const __m256i *)(yb->qs + ATD_S256 * k));
+        qb[k] = _mm256_loadu_si256((const __m256i *)(yb->qs + ATD_S256 * k + 20));
+    }
+    // -sum q as 8 int32 pair sums of the bsums: the start of every plane's sum
+    const __m256i init = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)yb->bsums), _mm256_set1_epi16(-1));
+    ATD_UNROLL for (int i = 0; i < planes; ++i) {
+        const uint8_t * p  = blk + 2 * planes + i * ATD_S256;
+        const __m256i   A  = _mm256_loadu_si256((const __m256i *)p);
+        const __m256i   B  = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + 20)), tail);
+        __m256i         ea = _mm256_slli_epi16(A, 8), oa = _mm256_and_si256(A, hi);
+        __m256i         eb = _mm256_slli_epi16(B, 8), ob = _mm256_and_si256(B, hi);
+        __m256i         a  = _mm256_setzero_si256();
+        ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+            a = ATD_AVX2_DOT_mad_ADD(a, atd_digit256(ea, oa), qa[k]);
+            a = ATD_AVX2_DOT_mad_ADD(a, atd_digit256(eb, ob), qb[k]);
+            if (k + 1 < ATD_TRITS_PER_BYTE) {
+                ea = atd_times3_epi16(ea); oa = atd_times3_epi16(oa);
+                eb = atd_times3_epi16(eb); ob = atd_times3_epi16(ob);
+            }
+        }
+        acc[i] = _mm256_add_epi32(init, ATD_AVX2_DOT_mad_I32(a));
+    }
+}
+
+// one 256-block with vpdpbusd on the raw bytes (the x-trick): acc[i] sums to 256 * sum t q of plane i
+#define ATD_DEFINE_AVX2_ACC256_X(SFX, TARGET)                                                                \
+    TARGET ATD_INLINE void atd_acc256_avx2_x_##SFX(const uint8_t * blk, const block_q8_K * yb,              \
+                                                   const int planes, __m256i * acc) {                      \
         const __m256i tail = _mm256_setr_epi32(0, 0, 0, -1, -1, -1, -1, -1); /* lanes 12..31 */              \
         __m256i       qa[ATD_TRITS_PER_BYTE], qb[ATD_TRITS_PER_BYTE];                                       \
         ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {                                            \
             qa[k] = _mm256_loadu_si256((const __m256i *)(yb->qs + ATD_S256 * k));                           \
             qb[k] = _mm256_loadu_si256((const __m256i *)(yb->qs + ATD_S256 * k + 20));                      \
         }                                                                                                   \
-        /* -sum q as 8 int32 pair sums of the bsums: the start of every plane's sum */                      \
-        const __m256i init = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)yb->bsums),              \
-                                               _mm256_set1_epi16(-1));                                      \
-        __m256i acc[ATD_MAX_PLANES];                                                                        \
-        ATD_UNROLL for (int i = 0; i < ATD_MAX_PLANES; ++i) acc[i] = _mm256_setzero_si256();                \
+        /* 256 * sum q (8 int32 pair sums of the bsums) starts the x_{k+1} sums: 3D - E is then          \
+           256 (sum c q - sum q) = 256 sum t q */                                                          \
+        const __m256i init = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)yb->bsums),             \
+                                               _mm256_set1_epi16(256));                                    \
         ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                       \
-            const uint8_t * p  = blk + 2 * planes + i * ATD_S256;                                           \
-            const __m256i   A  = _mm256_loadu_si256((const __m256i *)p);                                    \
-            const __m256i   B  = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + 20)), tail);     \
-            __m256i         ea = _mm256_slli_epi16(A, 8), oa = _mm256_and_si256(A, hi);                    \
-            __m256i         eb = _mm256_slli_epi16(B, 8), ob = _mm256_and_si256(B, hi);                    \
-            ATD_AVX2_DOT_##SFX##_T a = ATD_AVX2_DOT_##SFX##_ZERO();                                         \
+            const uint8_t * p = blk + 2 * planes + i * ATD_S256;                                            \
+            __m256i         A = _mm256_loadu_si256((const __m256i *)p);                                     \
+            __m256i         B = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + 20)), tail);      \
+            __m256i         D = _mm256_setzero_si256(), E = init;                                           \
             ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {                                        \
-                a = ATD_AVX2_DOT_##SFX##_ADD(a, atd_digit256(ea, oa), qa[k]);                               \
-                a = ATD_AVX2_DOT_##SFX##_ADD(a, atd_digit256(eb, ob), qb[k]);                               \
-                if (k + 1 < ATD_TRITS_PER_BYTE) {                                                           \
-                    ea = atd_times3_epi16(ea); oa = atd_times3_epi16(oa);                                   \
-                    eb = atd_times3_epi16(eb); ob = atd_times3_epi16(ob);                                   \
-                }                                                                                           \
+                D = ATD_AVX2_DOT_##SFX##_ADD(D, A, qa[k]);                                                  \
+                D = ATD_AVX2_DOT_##SFX##_ADD(D, B, qb[k]);                                                  \
+                A = atd_times3_epi8(A);                                                                     \
+                B = atd_times3_epi8(B);                                                                     \
+                E = ATD_AVX2_DOT_##SFX##_ADD(E, A, qa[k]);                                                  \
+                E = ATD_AVX2_DOT_##SFX##_ADD(E, B, qb[k]);                                                  \
             }                                                                                               \
-            acc[i] = _mm256_add_epi32(init, ATD_AVX2_DOT_##SFX##_I32(a));                                   \
+            acc[i] = _mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(D, D), D), E);                      \
         }                                                                                                   \
-        _mm_storeu_si128((__m128i *)out, atd_hsum4_epi32(acc[0], acc[1], acc[2], acc[3]));                  \
-    }                                                                                                       \
-    /* integer plane sums of one 64-block, out[h * 4 + i]; the 16-byte plane loads may read 3 bytes     \
-       past the block: callers pass a padded copy for the last block of a row */                          \
-    TARGET ATD_INLINE void atd_isum64_avx2_##SFX(const uint8_t * blk, const block_atd_q8_64 * yb,           \
-                                                 const int planes, int32_t * out) {                        \
+    }
+
+#define ATD_DEFINE_AVX2_KERNELS(SFX, TARGET, K256)                                                           \
+    /* one 64-block: h0[i], h1[i] sum to sum c q of the two halves of plane i; the 16-byte plane loads    \
+       may read 3 bytes past the block: callers pass a padded copy for the last block of a row */         \
+    TARGET ATD_INLINE void atd_acc64_avx2_##SFX(const uint8_t * blk, const block_atd_q8_64 * yb,            \
+                                                const int planes, __m256i * h0, __m256i * h1) {            \
         const __m256i hi  = _mm256_set1_epi16((short)0xff00);                                               \
         const __m256i lo  = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);                                  \
         const __m256i m01 = _mm256_setr_epi16(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);              \
@@ -354,8 +405,6 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi16(__m256i v) {
         const __m256i g01 = _mm256_loadu_si256((const __m256i *)yb->qs[0]);                                 \
         const __m256i g23 = _mm256_loadu_si256((const __m256i *)yb->qs[2]);                                 \
         const __m256i g45 = _mm256_loadu_si256((const __m256i *)yb->qs[4]);                                 \
-        __m256i h0[ATD_MAX_PLANES], h1[ATD_MAX_PLANES];                                                     \
-        ATD_UNROLL for (int i = 0; i < ATD_MAX_PLANES; ++i) h0[i] = h1[i] = _mm256_setzero_si256();         \
         ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                       \
             const __m256i V  = _mm256_broadcastsi128_si256(                                                 \
                 _mm_loadu_si128((const __m128i *)(blk + 2 * planes + i * ATD_S64)));                        \
@@ -370,43 +419,41 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi16(__m256i v) {
             h0[i] = _mm256_add_epi32(ATD_AVX2_DOT_##SFX##_I32(a), _mm256_and_si256(mid, lo));               \
             h1[i] = _mm256_add_epi32(ATD_AVX2_DOT_##SFX##_I32(c), _mm256_andnot_si256(lo, mid));            \
         }                                                                                                   \
-        const __m128i s0 = atd_hsum4_epi32(h0[0], h0[1], h0[2], h0[3]);                                     \
-        const __m128i s1 = atd_hsum4_epi32(h1[0], h1[1], h1[2], h1[3]);                                     \
-        _mm_storeu_si128((__m128i *)out, _mm_sub_epi32(s0, _mm_set1_epi32(yb->sum[0])));                    \
-        _mm_storeu_si128((__m128i *)(out + ATD_MAX_PLANES), _mm_sub_epi32(s1, _mm_set1_epi32(yb->sum[1]))); \
-    }                                                                                                       \
-    TARGET ATD_INLINE void atd_k256_avx2_##SFX(int n, float * s, const uint8_t * x, const block_q8_K * y,   \
-                                               const int planes) {                                         \
-        const int    nb  = n / QK_ATD;                                                                      \
-        const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD);                                                   \
-        double       sum[4] = { 0.0, 0.0, 0.0, 0.0 };                                                       \
-        _Alignas(16) int32_t isum[ATD_CHUNK][ATD_ISUMS];                                               \
-        for (int b0 = 0; b0 < nb; b0 += ATD_CHUNK) {                                                        \
-            const int m = nb - b0 < ATD_CHUNK ? nb - b0 : ATD_CHUNK;                                        \
-            for (int b = 0; b < m; ++b) {                                                                   \
-                atd_isum256_avx2_##SFX(x + (size_t)(b0 + b) * bsz, y + b0 + b, planes, isum[b]);            \
-            }                                                                                               \
-            atd_combine_blocks(sum, x, bsz, y, QK_ATD, b0, m, (const int32_t (*)[ATD_ISUMS])isum, planes); \
-        }                                                                                                   \
-        *s = atd_dot_finish(sum);                                                                           \
     }                                                                                                       \
     TARGET ATD_INLINE void atd_k64_avx2_##SFX(int n, float * s, const uint8_t * x, const block_atd_q8_64 * y, \
                                               const int planes) {                                          \
         const int    nb  = n / QK_ATD_64;                                                                   \
         const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD_64);                                                \
-        double       sum[4] = { 0.0, 0.0, 0.0, 0.0 };                                                       \
-        _Alignas(16) int32_t isum[ATD_CHUNK][ATD_ISUMS];                                               \
         uint8_t      last[ATD_TYPE_SIZE(ATD_MAX_PLANES, QK_ATD_64) + 16] = { 0 };                           \
         memcpy(last, x + (size_t)(nb - 1) * bsz, bsz); /* the last block, padded for 16-byte loads */      \
-        for (int b0 = 0; b0 < nb; b0 += ATD_CHUNK) {                                                        \
-            const int m = nb - b0 < ATD_CHUNK ? nb - b0 : ATD_CHUNK;                                        \
-            for (int b = 0; b < m; ++b) {                                                                   \
-                const uint8_t * blk = b0 + b == nb - 1 ? last : x + (size_t)(b0 + b) * bsz;                 \
-                atd_isum64_avx2_##SFX(blk, y + b0 + b, planes, isum[b]);                                    \
+        __m128 S[4] = { _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps() };           \
+        for (int b16 = 0; b16 < nb; b16 += ATD_LANES) {                                                     \
+          ATD_UNROLL for (int q = 0; q < 4; ++q) { /* unrolled: S[q] stays in a register */                \
+            const int b0 = b16 + 4 * q;                                                                     \
+            if (b0 >= nb) break;                                                                            \
+            const int m = nb - b0 < 4 ? nb - b0 : 4;                                                        \
+            __m256i   h0[4][ATD_MAX_PLANES], h1[4][ATD_MAX_PLANES];                                         \
+            ATD_UNROLL for (int j = 0; j < 4; ++j) {                                                        \
+                if (j < m) {                                                                                \
+                    const int b = b0 + j;                                                                   \
+                    ATD_PREFETCH_BLOCK(x + (size_t)b * bsz, bsz);                                           \
+                    atd_acc64_avx2_##SFX(b == nb - 1 ? last : x + (size_t)b * bsz, y + b, planes, h0[j], h1[j]); \
+                } else {                                                                                    \
+                    for (int i = 0; i < planes; ++i) h0[j][i] = h1[j][i] = _mm256_setzero_si256();           \
+                }                                                                                           \
             }                                                                                               \
-            atd_combine_blocks(sum, x, bsz, y, QK_ATD_64, b0, m, (const int32_t (*)[ATD_ISUMS])isum, planes); \
+            __m128i isum[2][ATD_MAX_PLANES], sq[2];                                                         \
+            __m128  alpha[ATD_MAX_PLANES], dy[2];                                                           \
+            atd_head4_64(y + b0, m, dy, sq);                                                                \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                isum[0][i] = _mm_sub_epi32(atd_hsum4_epi32(h0[0][i], h0[1][i], h0[2][i], h0[3][i]), sq[0]);  \
+                isum[1][i] = _mm_sub_epi32(atd_hsum4_epi32(h1[0][i], h1[1][i], h1[2][i], h1[3][i]), sq[1]);  \
+            }                                                                                               \
+            atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
+            S[q] = atd_combine4(S[q], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 2);       \
+          }                                                                                                 \
         }                                                                                                   \
-        *s = atd_dot_finish(sum);                                                                           \
+        *s = atd_finish4(S);                                                                                \
     }                                                                                                       \
     TARGET static void atd_vec_dot_avx2_##SFX(int n, float * s, const void * vx, const void * vy, int planes, \
                                               int block) {                                                 \
@@ -415,10 +462,10 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi16(__m256i v) {
         if (block == QK_ATD) {                                                                              \
             const block_q8_K * y = (const block_q8_K *)vy;                                                  \
             switch (planes) {                                                                               \
-                case 1: atd_k256_avx2_##SFX(n, s, x, y, 1); break;                                          \
-                case 2: atd_k256_avx2_##SFX(n, s, x, y, 2); break;                                          \
-                case 3: atd_k256_avx2_##SFX(n, s, x, y, 3); break;                                          \
-                default: atd_k256_avx2_##SFX(n, s, x, y, 4); break;                                         \
+                case 1: K256(n, s, x, y, 1); break;                                                         \
+                case 2: K256(n, s, x, y, 2); break;                                                         \
+                case 3: K256(n, s, x, y, 3); break;                                                         \
+                default: K256(n, s, x, y, 4); break;                                                        \
             }                                                                                               \
         } else {                                                                                            \
             const block_atd_q8_64 * y = (const block_atd_q8_64 *)vy;                                        \
@@ -431,21 +478,68 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi16(__m256i v) {
         }                                                                                                   \
     }
 
-ATD_DEFINE_AVX2_KERNELS(mad, ATD_TARGET_AVX2)
+ATD_DEFINE_K256(atd_k256_avx2_mad, ATD_TARGET_AVX2, atd_acc256_avx2_mad, 0)
+ATD_DEFINE_AVX2_KERNELS(mad, ATD_TARGET_AVX2, atd_k256_avx2_mad)
 #if defined(ATD_HAVE_AVXVNNI)
-ATD_DEFINE_AVX2_KERNELS(vnni, ATD_TARGET_AVXVNNI)
+ATD_DEFINE_AVX2_ACC256_X(vnni, ATD_TARGET_AVXVNNI)
+ATD_DEFINE_K256(atd_k256_avx2_vnni, ATD_TARGET_AVXVNNI, atd_acc256_avx2_x_vnni, 8)
+ATD_DEFINE_AVX2_KERNELS(vnni, ATD_TARGET_AVXVNNI, atd_k256_avx2_vnni)
 #endif
 #if defined(ATD_HAVE_AVX512)
-ATD_DEFINE_AVX2_KERNELS(evex, ATD_TARGET_AVX512)
+ATD_DEFINE_AVX2_ACC256_X(evex, ATD_TARGET_AVX512)
+ATD_DEFINE_K256(atd_k256_avx2_evex, ATD_TARGET_AVX512, atd_acc256_avx2_x_evex, 8)
+ATD_DEFINE_AVX2_KERNELS(evex, ATD_TARGET_AVX512, atd_k256_avx2_evex)
 #endif
 
-// ---- AVX-512 (F/BW/VL/VNNI) ------------------------------------------------------------------------------
+// ---- AVX-512 (F/BW/VL/VNNI; VBMI) -------------------------------------------------------------------------
 //
+// The codes of a digit come from one of two decoders, then vpdpbusd meets them with the activations:
+//   mul (variant 1): the byte b in a 16-bit lane as b << 8, mulhi(lane, 3) is the top digit and
+//        lane * 3 moves to the next one (even and odd bytes in two lane sets, merged by vpternlog);
+//   lut (variant 2, AVX512-VBMI): two 256-entry tables, looked up with vpermi2b (7 bits) and the top
+//        bit as a blend mask: one gives digits 0..3 packed in 2-bit fields, the other digit 4.
 // B = 256: one masked zmm load takes a plane's 52 bytes (lanes 52..63 zero); digit k meets the 64
 // activations at q + 52k (lanes 52..63 meet code 0). B = 64: four blocks share a zmm, block g in
-// 128-bit lane g (its 13 plane bytes, 3 that meet zero activations), each digit against
-// [group of block 0 | block 1 | block 2 | block 3] (digit 2 against two groups, one per half).
+// 128-bit lane g (its 13 plane bytes, 3 zero lanes), each digit against the activation group of the
+// four blocks gathered into one zmm (digit 2 against two groups, one per half).
 #if defined(ATD_HAVE_AVX512)
+
+ATD_ALIGN64 const uint8_t atd_lut_c0123[256] = {
+    0x00, 0x00, 0x00, 0x00, 0x40, 0x40, 0x40, 0x80, 0x80, 0x80, 0x10, 0x10, 0x10, 0x50, 0x50, 0x50,
+    0x90, 0x90, 0x90, 0x20, 0x20, 0x20, 0x20, 0x60, 0x60, 0x60, 0xa0, 0xa0, 0xa0, 0x04, 0x04, 0x04,
+    0x44, 0x44, 0x44, 0x84, 0x84, 0x84, 0x14, 0x14, 0x14, 0x14, 0x54, 0x54, 0x54, 0x94, 0x94, 0x94,
+    0x24, 0x24, 0x24, 0x64, 0x64, 0x64, 0xa4, 0xa4, 0xa4, 0x08, 0x08, 0x08, 0x08, 0x48, 0x48, 0x48,
+    0x88, 0x88, 0x88, 0x18, 0x18, 0x18, 0x58, 0x58, 0x58, 0x98, 0x98, 0x98, 0x28, 0x28, 0x28, 0x28,
+    0x68, 0x68, 0x68, 0xa8, 0xa8, 0xa8, 0x01, 0x01, 0x01, 0x41, 0x41, 0x41, 0x81, 0x81, 0x81, 0x11,
+    0x11, 0x11, 0x51, 0x51, 0x51, 0x51, 0x91, 0x91, 0x91, 0x21, 0x21, 0x21, 0x61, 0x61, 0x61, 0xa1,
+    0xa1, 0xa1, 0x05, 0x05, 0x05, 0x45, 0x45, 0x45, 0x45, 0x85, 0x85, 0x85, 0x15, 0x15, 0x15, 0x55,
+    0x55, 0x55, 0x95, 0x95, 0x95, 0x25, 0x25, 0x25, 0x65, 0x65, 0x65, 0x65, 0xa5, 0xa5, 0xa5, 0x09,
+    0x09, 0x09, 0x49, 0x49, 0x49, 0x89, 0x89, 0x89, 0x19, 0x19, 0x19, 0x59, 0x59, 0x59, 0x59, 0x99,
+    0x99, 0x99, 0x29, 0x29, 0x29, 0x69, 0x69, 0x69, 0xa9, 0xa9, 0xa9, 0x02, 0x02, 0x02, 0x42, 0x42,
+    0x42, 0x82, 0x82, 0x82, 0x82, 0x12, 0x12, 0x12, 0x52, 0x52, 0x52, 0x92, 0x92, 0x92, 0x22, 0x22,
+    0x22, 0x62, 0x62, 0x62, 0xa2, 0xa2, 0xa2, 0xa2, 0x06, 0x06, 0x06, 0x46, 0x46, 0x46, 0x86, 0x86,
+    0x86, 0x16, 0x16, 0x16, 0x56, 0x56, 0x56, 0x96, 0x96, 0x96, 0x96, 0x26, 0x26, 0x26, 0x66, 0x66,
+    0x66, 0xa6, 0xa6, 0xa6, 0x0a, 0x0a, 0x0a, 0x4a, 0x4a, 0x4a, 0x8a, 0x8a, 0x8a, 0x8a, 0x1a, 0x1a,
+    0x1a, 0x5a, 0x5a, 0x5a, 0x9a, 0x9a, 0x9a, 0x2a, 0x2a, 0x2a, 0x6a, 0x6a, 0x6a, 0xaa, 0xaa, 0xaa,
+};
+ATD_ALIGN64 const uint8_t atd_lut_c4[256] = {
+    0x00, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02,
+    0x00, 0x01, 0x02, 0x00, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02,
+    0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02,
+    0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x02, 0x00, 0x01, 0x02,
+    0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x02,
+    0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00,
+    0x01, 0x02, 0x00, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00,
+    0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00,
+    0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00,
+    0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x02, 0x00,
+    0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01,
+    0x02, 0x00, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01,
+    0x02, 0x00, 0x01, 0x02, 0x00, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01,
+    0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01,
+    0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x02, 0x00, 0x01,
+    0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02, 0x00, 0x01, 0x02,
+};
 
 ATD_TARGET_AVX512 ATD_INLINE __m512i atd_digit512(__m512i ev, __m512i od) {
     // (code in the low byte) | (3b & 0xff00): vpternlog A | (B & C)
@@ -457,187 +551,404 @@ ATD_TARGET_AVX512 ATD_INLINE __m512i atd_times3_epi16_512(__m512i v) {
     return _mm512_add_epi16(_mm512_add_epi16(v, v), v);
 }
 
-// integer plane sums of one 256-block
-ATD_TARGET_AVX512 ATD_INLINE void atd_isum256_avx512(const uint8_t * blk, const block_q8_K * yb, const int planes,
-                                                     int32_t * out) {
-    const __m512i   hi    = _mm512_set1_epi16((short)0xff00);
-    const __mmask64 plane = (1ull << ATD_S256) - 1;
-    __m512i         q[ATD_TRITS_PER_BYTE];
-    ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
-        // reads up to qs + 272: inside the block (bsums follow qs); lanes >= 52 meet code 0
-        q[k] = _mm512_loadu_si512((const void *)(yb->qs + ATD_S256 * k));
-    }
-    const __m512i init = _mm512_zextsi256_si512(
-        _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)yb->bsums), _mm256_set1_epi16(-1)));
-    __m256i acc[ATD_MAX_PLANES];
-    ATD_UNROLL for (int i = 0; i < ATD_MAX_PLANES; ++i) acc[i] = _mm256_setzero_si256();
-    ATD_UNROLL for (int i = 0; i < planes; ++i) {
-        const __m512i P  = _mm512_maskz_loadu_epi8(plane, blk + 2 * planes + i * ATD_S256);
-        __m512i       ev = _mm512_slli_epi16(P, 8), od = _mm512_and_si512(P, hi);
-        __m512i       a  = _mm512_dpbusd_epi32(init, atd_digit512(ev, od), q[0]);
-        ATD_UNROLL for (int k = 1; k < ATD_TRITS_PER_BYTE; ++k) {
-            ev = atd_times3_epi16_512(ev);
-            od = atd_times3_epi16_512(od);
-            a  = _mm512_dpbusd_epi32(a, atd_digit512(ev, od), q[k]);
-        }
-        acc[i] = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
-    }
-    _mm_storeu_si128((__m128i *)out, atd_hsum4_epi32(acc[0], acc[1], acc[2], acc[3]));
-}
-
-// the int32 sum of each 128-bit lane of a (one block per lane): [s0 s1 s2 s3]
-ATD_TARGET_AVX512 ATD_INLINE __m128i atd_lane_sums(__m512i a) {
-    a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_BADC));
-    a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB));
-    return _mm512_castsi512_si128(
-        _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), a));
-}
-
-// plane-major [b0 b1 b2 b3] of 4 planes -> out[g][off + i]
-ATD_TARGET_AVX512 ATD_INLINE void atd_store_transposed(const __m128i * r, int32_t (*out)[ATD_ISUMS], int off) {
-    const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpacklo_epi32(r[2], r[3]);
-    const __m128i t2 = _mm_unpackhi_epi32(r[0], r[1]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
-    _mm_storeu_si128((__m128i *)(out[0] + off), _mm_unpacklo_epi64(t0, t1));
-    _mm_storeu_si128((__m128i *)(out[1] + off), _mm_unpackhi_epi64(t0, t1));
-    _mm_storeu_si128((__m128i *)(out[2] + off), _mm_unpacklo_epi64(t2, t3));
-    _mm_storeu_si128((__m128i *)(out[3] + off), _mm_unpackhi_epi64(t2, t3));
-}
-
-// activation group g of 4 blocks, one per 128-bit lane
-ATD_TARGET_AVX512 ATD_INLINE __m512i atd_groups4(const block_atd_q8_64 * yb, int g) {
-    return _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
-               _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)yb[0].qs[g])),
-               _mm_loadu_si128((const __m128i *)yb[1].qs[g]), 1),
-               _mm_loadu_si128((const __m128i *)yb[2].qs[g]), 2),
-               _mm_loadu_si128((const __m128i *)yb[3].qs[g]), 3);
-}
-
-// integer plane sums of four 64-blocks (block g = blk + g * bsz): out[g][h * 4 + i]
-ATD_TARGET_AVX512 ATD_INLINE void atd_isum64x4_avx512(const uint8_t * blk, size_t bsz, const block_atd_q8_64 * yb,
-                                                      const int planes, int32_t (*out)[ATD_ISUMS]) {
+// the codes of digits 0..4 of the 64 bytes of P (mul decoder)
+ATD_TARGET_AVX512 ATD_INLINE void atd_codes512_mul(__m512i P, const __m512i * tab, __m512i * c) {
+    (void)tab;
     const __m512i hi = _mm512_set1_epi16((short)0xff00);
-    __m512i       q[ATD_Q8_64_GROUPS];
-    ATD_UNROLL for (int g = 0; g < ATD_Q8_64_GROUPS; ++g) q[g] = atd_groups4(yb, g);
-    __m128i r0[ATD_MAX_PLANES], r1[ATD_MAX_PLANES];
-    ATD_UNROLL for (int i = 0; i < ATD_MAX_PLANES; ++i) r0[i] = r1[i] = _mm_setzero_si128();
-    ATD_UNROLL for (int i = 0; i < planes; ++i) {
-        const uint8_t * p = blk + 2 * planes + i * ATD_S64;
-        const __m512i   P = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(
-                                _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p)),
-                                _mm_loadu_si128((const __m128i *)(p + bsz)), 1),
-                                _mm_loadu_si128((const __m128i *)(p + 2 * bsz)), 2),
-                                _mm_loadu_si128((const __m128i *)(p + 3 * bsz)), 3);
-        __m512i       ev = _mm512_slli_epi16(P, 8), od = _mm512_and_si512(P, hi);
-        // digits 0, 1 and the first part of 2 meet half 0; the rest of 2, and 3, 4 meet half 1
-        __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), atd_digit512(ev, od), q[0]);
-        ev = atd_times3_epi16_512(ev);
-        od = atd_times3_epi16_512(od);
-        a0 = _mm512_dpbusd_epi32(a0, atd_digit512(ev, od), q[1]);
-        ev = atd_times3_epi16_512(ev);
-        od = atd_times3_epi16_512(od);
-        const __m512i c2 = atd_digit512(ev, od);
-        a0 = _mm512_dpbusd_epi32(a0, c2, q[2]);
-        __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, q[3]);
-        ev = atd_times3_epi16_512(ev);
-        od = atd_times3_epi16_512(od);
-        a1 = _mm512_dpbusd_epi32(a1, atd_digit512(ev, od), q[4]);
-        ev = atd_times3_epi16_512(ev);
-        od = atd_times3_epi16_512(od);
-        a1 = _mm512_dpbusd_epi32(a1, atd_digit512(ev, od), q[5]);
-        r0[i] = atd_lane_sums(a0);
-        r1[i] = atd_lane_sums(a1);
+    __m512i       ev = _mm512_slli_epi16(P, 8), od = _mm512_and_si512(P, hi);
+    c[0] = atd_digit512(ev, od);
+    ATD_UNROLL for (int k = 1; k < ATD_TRITS_PER_BYTE; ++k) {
+        ev   = atd_times3_epi16_512(ev);
+        od   = atd_times3_epi16_512(od);
+        c[k] = atd_digit512(ev, od);
     }
-    const __m128i sum0 = _mm_setr_epi32(yb[0].sum[0], yb[1].sum[0], yb[2].sum[0], yb[3].sum[0]);
-    const __m128i sum1 = _mm_setr_epi32(yb[0].sum[1], yb[1].sum[1], yb[2].sum[1], yb[3].sum[1]);
-    ATD_UNROLL for (int i = 0; i < planes; ++i) {
-        r0[i] = _mm_sub_epi32(r0[i], sum0);
-        r1[i] = _mm_sub_epi32(r1[i], sum1);
-    }
-    atd_store_transposed(r0, out, 0);
-    atd_store_transposed(r1, out, ATD_MAX_PLANES);
+}
+ATD_TARGET_AVX512 ATD_INLINE void atd_tables512_mul(__m512i * tab) {
+    (void)tab;
 }
 
-ATD_TARGET_AVX512 ATD_INLINE void atd_k256_avx512(int n, float * s, const uint8_t * x, const block_q8_K * y,
-                                                  const int planes) {
-    const int    nb  = n / QK_ATD;
-    const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD);
-    double       sum[4] = { 0.0, 0.0, 0.0, 0.0 };
-    _Alignas(16) int32_t isum[ATD_CHUNK][ATD_ISUMS];
-    for (int b0 = 0; b0 < nb; b0 += ATD_CHUNK) {
-        const int m = nb - b0 < ATD_CHUNK ? nb - b0 : ATD_CHUNK;
-        for (int b = 0; b < m; ++b) {
-            atd_isum256_avx512(x + (size_t)(b0 + b) * bsz, y + b0 + b, planes, isum[b]);
-        }
-        atd_combine_blocks(sum, x, bsz, y, QK_ATD, b0, m, (const int32_t (*)[ATD_ISUMS])isum, planes);
+#if defined(ATD_HAVE_AVX512VBMI)
+// the codes of digits 0..4 of the 64 bytes of P (lut decoder); tab: the two tables in 8 zmm
+ATD_TARGET_AVX512VBMI ATD_INLINE void atd_codes512_lut(__m512i P, const __m512i * tab, __m512i * c) {
+    const __mmask64 top   = _mm512_movepi8_mask(P);
+    const __m512i   three = _mm512_set1_epi8(3);
+    const __m512i   u     = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[0], P, tab[1]), top,
+                                                 _mm512_permutex2var_epi8(tab[2], P, tab[3]));
+    c[4] = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[4], P, tab[5]), top,
+                                _mm512_permutex2var_epi8(tab[6], P, tab[7]));
+    c[0] = _mm512_and_si512(u, three);
+    c[1] = _mm512_and_si512(_mm512_srli_epi16(u, 2), three);
+    c[2] = _mm512_and_si512(_mm512_srli_epi16(u, 4), three);
+    c[3] = _mm512_and_si512(_mm512_srli_epi16(u, 6), three);
+}
+ATD_TARGET_AVX512VBMI ATD_INLINE void atd_tables512_lut(__m512i * tab) {
+    ATD_UNROLL for (int t = 0; t < 4; ++t) {
+        tab[t]     = _mm512_load_si512((const void *)(atd_lut_c0123 + 64 * t));
+        tab[4 + t] = _mm512_load_si512((const void *)(atd_lut_c4 + 64 * t));
     }
-    *s = atd_dot_finish(sum);
+}
+#endif
+
+// the int32 sums of each 128-bit lane (one block per lane) of a (half 0) and b (half 1):
+// [a0 a1 a2 a3 | b0 b1 b2 b3]
+ATD_TARGET_AVX512 ATD_INLINE __m256i atd_lane_sums2(__m512i a, __m512i b) {
+    __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));  // a02 b02 a13 b13
+    t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));                        // a b a b
+    return _mm512_castsi512_si256(
+        _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), t));
 }
 
-ATD_TARGET_AVX512 ATD_INLINE void atd_k64_avx512(int n, float * s, const uint8_t * x, const block_atd_q8_64 * y,
-                                                 const int planes) {
-    const int    nb  = n / QK_ATD_64;
-    const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD_64);
-    double       sum[4] = { 0.0, 0.0, 0.0, 0.0 };
-    _Alignas(16) int32_t isum[ATD_CHUNK][ATD_ISUMS];
-    // the last group of 4 (with blocks past the row end as zero blocks and zero activations):
-    // a padded copy, so the 16-byte plane loads never read past the row
-    const int       full = (nb - 1) / 4 * 4;  // blocks in groups that end before the last block
-    uint8_t         tailx[4 * ATD_TYPE_SIZE(ATD_MAX_PLANES, QK_ATD_64) + 16] = { 0 };
-    block_atd_q8_64 taily[4];
-    memset(taily, 0, sizeof taily);
-    memcpy(tailx, x + (size_t)full * bsz, (size_t)(nb - full) * bsz);
-    memcpy(taily, y + full, (size_t)(nb - full) * sizeof(block_atd_q8_64));
-    for (int b0 = 0; b0 < nb; b0 += ATD_CHUNK) {
-        const int m = nb - b0 < ATD_CHUNK ? nb - b0 : ATD_CHUNK;
-        for (int b = 0; b < m; b += 4) {
-            const int j = b0 + b;
-            if (j < full) {
-                atd_isum64x4_avx512(x + (size_t)j * bsz, bsz, y + j, planes, isum + b);
-            } else {
-                atd_isum64x4_avx512(tailx, bsz, taily, planes, isum + b);
-            }
-        }
-        atd_combine_blocks(sum, x, bsz, y, QK_ATD_64, b0, m, (const int32_t (*)[ATD_ISUMS])isum, planes);
+#define ATD_DEFINE_AVX512_KERNELS(DEC, TARGET)                                                               \
+    /* one 256-block: acc[i] sums to sum t q of plane i */                                                  \
+    TARGET ATD_INLINE void atd_acc256_avx512_##DEC(const uint8_t * blk, const block_q8_K * yb, const int planes, \
+                                                   __m256i * acc, const __m512i * tab) {                   \
+        const __mmask64 plane = (1ull << ATD_S256) - 1;                                                     \
+        __m512i         q[ATD_TRITS_PER_BYTE];                                                              \
+        ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {                                            \
+            /* reads up to qs + 272: inside the block (bsums follow qs); lanes >= 52 meet code 0 */         \
+            q[k] = _mm512_loadu_si512((const void *)(yb->qs + ATD_S256 * k));                               \
+        }                                                                                                   \
+        const __m512i init = _mm512_zextsi256_si512(                                                        \
+            _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)yb->bsums), _mm256_set1_epi16(-1)));      \
+        ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                       \
+            __m512i c[ATD_TRITS_PER_BYTE];                                                                  \
+            atd_codes512_##DEC(_mm512_maskz_loadu_epi8(plane, blk + 2 * planes + i * ATD_S256), tab, c);    \
+            __m512i a = _mm512_dpbusd_epi32(init, c[0], q[0]);                                              \
+            ATD_UNROLL for (int k = 1; k < ATD_TRITS_PER_BYTE; ++k) a = _mm512_dpbusd_epi32(a, c[k], q[k]); \
+            acc[i] = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));          \
+        }                                                                                                   \
+    }                                                                                                       \
+    TARGET ATD_INLINE void atd_k256_avx512_##DEC(int n, float * s, const uint8_t * x, const block_q8_K * y,  \
+                                                 const int planes) {                                       \
+        const int    nb  = n / QK_ATD;                                                                      \
+        const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD);                                                   \
+        __m512i      tab[8];                                                                                \
+        atd_tables512_##DEC(tab);                                                                           \
+        __m128 S[4] = { _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps() };           \
+        for (int b16 = 0; b16 < nb; b16 += ATD_LANES) {                                                     \
+          ATD_UNROLL for (int q = 0; q < 4; ++q) { /* unrolled: S[q] stays in a register */                \
+            const int b0 = b16 + 4 * q;                                                                     \
+            if (b0 >= nb) break;                                                                            \
+            const int m = nb - b0 < 4 ? nb - b0 : 4;                                                        \
+            __m256i   acc[4][ATD_MAX_PLANES];                                                               \
+            ATD_UNROLL for (int j = 0; j < 4; ++j) {                                                        \
+                if (j < m) {                                                                                \
+                    ATD_PREFETCH_BLOCK(x + (size_t)(b0 + j) * bsz, bsz);                                    \
+                    atd_acc256_avx512_##DEC(x + (size_t)(b0 + j) * bsz, y + b0 + j, planes, acc[j], tab);   \
+                } else {                                                                                    \
+                    for (int i = 0; i < planes; ++i) acc[j][i] = _mm256_setzero_si256();                     \
+                }                                                                                           \
+            }                                                                                               \
+            __m128i isum[1][ATD_MAX_PLANES];                                                                \
+            __m128  alpha[ATD_MAX_PLANES], dy[1];                                                           \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                isum[0][i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);                   \
+            }                                                                                               \
+            atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
+            atd_dy4_256(y + b0, m, dy);                                                                     \
+            S[q] = atd_combine4(S[q], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 1);       \
+          }                                                                                                 \
+        }                                                                                                   \
+        *s = atd_finish4(S);                                                                                \
+    }                                                                                                       \
+    TARGET ATD_INLINE void atd_k64_avx512_##DEC(int n, float * s, const uint8_t * x,                        \
+                                                const block_atd_q8_64 * y, const int planes) {             \
+        const int    nb  = n / QK_ATD_64;                                                                   \
+        const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD_64);                                                \
+        __m512i      tab[8];                                                                                \
+        atd_tables512_##DEC(tab);                                                                           \
+        __m128 S[4] = { _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps() };           \
+        for (int b16 = 0; b16 < nb; b16 += ATD_LANES) {                                                     \
+          ATD_UNROLL for (int q = 0; q < 4; ++q) { /* unrolled: S[q] stays in a register */                \
+            const int               b0 = b16 + 4 * q;                                                       \
+            if (b0 >= nb) break;                                                                            \
+            const int               m  = nb - b0 < 4 ? nb - b0 : 4; /* blocks in this zmm */                \
+            const block_atd_q8_64 * yb = y + b0;                                                            \
+            /* activation group k of the 4 blocks in one zmm: a 4x4 transpose of 128-bit lanes */           \
+            __m512i L[4], H[2], o[ATD_Q8_64_GROUPS];                                                        \
+            ATD_UNROLL for (int j = 0; j < 4; ++j) {                                                        \
+                L[j] = j < m ? _mm512_loadu_si512((const void *)yb[j].qs[0]) : _mm512_setzero_si512();      \
+            }                                                                                               \
+            ATD_UNROLL for (int j = 0; j < 2; ++j) {                                                        \
+                const __m256i g0 = 2 * j < m ? _mm256_loadu_si256((const __m256i *)yb[2 * j].qs[4])         \
+                                             : _mm256_setzero_si256();                                      \
+                const __m256i g1 = 2 * j + 1 < m ? _mm256_loadu_si256((const __m256i *)yb[2 * j + 1].qs[4]) \
+                                                 : _mm256_setzero_si256();                                  \
+                H[j] = _mm512_inserti64x4(_mm512_castsi256_si512(g0), g1, 1);                               \
+            }                                                                                               \
+            {                                                                                               \
+                const __m512i t0 = _mm512_shuffle_i64x2(L[0], L[1], 0x44), t1 = _mm512_shuffle_i64x2(L[0], L[1], 0xEE); \
+                const __m512i t2 = _mm512_shuffle_i64x2(L[2], L[3], 0x44), t3 = _mm512_shuffle_i64x2(L[2], L[3], 0xEE); \
+                o[0] = _mm512_shuffle_i64x2(t0, t2, 0x88);                                                  \
+                o[1] = _mm512_shuffle_i64x2(t0, t2, 0xDD);                                                  \
+                o[2] = _mm512_shuffle_i64x2(t1, t3, 0x88);                                                  \
+                o[3] = _mm512_shuffle_i64x2(t1, t3, 0xDD);                                                  \
+                o[4] = _mm512_shuffle_i64x2(H[0], H[1], 0x88);                                              \
+                o[5] = _mm512_shuffle_i64x2(H[0], H[1], 0xDD);                                              \
+            }                                                                                               \
+            __m128i sq[2], isum[2][ATD_MAX_PLANES];                                                         \
+            __m128  alpha[ATD_MAX_PLANES], dy[2];                                                           \
+            atd_head4_64(yb, m, dy, sq);                                                                    \
+            const __m256i   sumv = _mm256_inserti128_si256(_mm256_castsi128_si256(sq[0]), sq[1], 1);        \
+            const uint8_t * blk  = x + (size_t)b0 * bsz + 2 * planes;                                       \
+            ATD_PREFETCH_BLOCK(x + (size_t)b0 * bsz, 4 * bsz);                                              \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                /* the 13 plane bytes of each block, masked: nothing is read past the row */                \
+                const uint8_t * p  = blk + i * ATD_S64;                                                     \
+                const __m128i   x0 = _mm_maskz_loadu_epi8(0x1fff, p);                                       \
+                const __m128i   x1 = m > 1 ? _mm_maskz_loadu_epi8(0x1fff, p + bsz) : _mm_setzero_si128();  \
+                const __m128i   x2 = m > 2 ? _mm_maskz_loadu_epi8(0x1fff, p + 2 * bsz) : _mm_setzero_si128(); \
+                const __m128i   x3 = m > 3 ? _mm_maskz_loadu_epi8(0x1fff, p + 3 * bsz) : _mm_setzero_si128(); \
+                const __m512i   P  = _mm512_inserti64x4(                                                    \
+                    _mm512_castsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(x0), x1, 1)),     \
+                    _mm256_inserti128_si256(_mm256_castsi128_si256(x2), x3, 1), 1);                         \
+                __m512i c[ATD_TRITS_PER_BYTE];                                                              \
+                atd_codes512_##DEC(P, tab, c);                                                              \
+                /* digits 0, 1 and the first part of 2 meet half 0; the rest of 2, and 3, 4 meet half 1 */  \
+                __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], o[0]);                       \
+                __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[2], o[3]);                       \
+                a0 = _mm512_dpbusd_epi32(a0, c[1], o[1]);                                                   \
+                a1 = _mm512_dpbusd_epi32(a1, c[3], o[4]);                                                   \
+                a0 = _mm512_dpbusd_epi32(a0, c[2], o[2]);                                                   \
+                a1 = _mm512_dpbusd_epi32(a1, c[4], o[5]);                                                   \
+                const __m256i r = _mm256_sub_epi32(atd_lane_sums2(a0, a1), sumv);                           \
+                isum[0][i] = _mm256_castsi256_si128(r);                                                     \
+                isum[1][i] = _mm256_extracti128_si256(r, 1);                                                \
+            }                                                                                               \
+            atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
+            S[q] = atd_combine4(S[q], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 2);       \
+          }                                                                                                 \
+        }                                                                                                   \
+        *s = atd_finish4(S);                                                                                \
+    }                                                                                                       \
+    TARGET static void atd_vec_dot_avx512_##DEC(int n, float * s, const void * vx, const void * vy,         \
+                                                int planes, int block) {                                   \
+        const uint8_t * x = (const uint8_t *)vx;                                                            \
+        if (n < block) { *s = 0.0f; return; }                                                               \
+        if (block == QK_ATD) {                                                                              \
+            const block_q8_K * y = (const block_q8_K *)vy;                                                  \
+            switch (planes) {                                                                               \
+                case 1: atd_k256_avx512_##DEC(n, s, x, y, 1); break;                                        \
+                case 2: atd_k256_avx512_##DEC(n, s, x, y, 2); break;                                        \
+                case 3: atd_k256_avx512_##DEC(n, s, x, y, 3); break;                                        \
+                default: atd_k256_avx512_##DEC(n, s, x, y, 4); break;                                       \
+            }                                                                                               \
+        } else {                                                                                            \
+            const block_atd_q8_64 * y = (const block_atd_q8_64 *)vy;                                        \
+            switch (planes) {                                                                               \
+                case 1: atd_k64_avx512_##DEC(n, s, x, y, 1); break;                                         \
+                case 2: atd_k64_avx512_##DEC(n, s, x, y, 2); break;                                         \
+                case 3: atd_k64_avx512_##DEC(n, s, x, y, 3); break;                                         \
+                default: atd_k64_avx512_##DEC(n, s, x, y, 4); break;                                        \
+            }                                                                                               \
+        }                                                                                                   \
     }
-    *s = atd_dot_finish(sum);
+
+ATD_DEFINE_AVX512_KERNELS(mul, ATD_TARGET_AVX512)
+#if defined(ATD_HAVE_AVX512VBMI)
+ATD_DEFINE_AVX512_KERNELS(lut, ATD_TARGET_AVX512VBMI)
+#endif
+
+// ---- AVX-512 gemv of the 64 family: four rows per zmm ----------------------------------------------------
+//
+// One activation row against many weight rows (token generation): 128-bit lane r holds block b of row
+// r (r = 0..3), so every lane meets the same activations, broadcast from memory, and no cross-block
+// transpose is needed. With VBMI each row's block is one masked load and every plane is gathered from
+// two pairs of rows by vpermi2b; without, four masked 16-byte loads per plane. The sum of q of each half
+// starts the accumulators (dword 0 of every lane), and the accumulators of two planes are reduced together
+// (a 4x4 transpose-add). Per row the float combination is the scalar loop's (lane b % 16 of that row),
+// so each result equals atd_vec_dot of that row bit for bit.
+
+// the int32 sums of each 128-bit lane (row r) of a, b, c, d: [a r0..r3 | b r0..r3 | c r0..r3 | d r0..r3]
+ATD_TARGET_AVX512 ATD_INLINE __m512i atd_lane_sums4(__m512i a, __m512i b, __m512i c, __m512i d) {
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    const __m512i t2 = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    const __m512i u  = _mm512_add_epi32(_mm512_unpacklo_epi64(t1, t2), _mm512_unpackhi_epi64(t1, t2));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), u);
 }
 
-ATD_TARGET_AVX512 static void atd_vec_dot_avx512(int n, float * s, const void * vx, const void * vy, int planes,
-                                                 int block) {
-    const uint8_t * x = (const uint8_t *)vx;
-    if (n < block) {
-        *s = 0.0f;
-        return;
-    }
-    if (block == QK_ATD) {
-        const block_q8_K * y = (const block_q8_K *)vy;
-        switch (planes) {
-            case 1: atd_k256_avx512(n, s, x, y, 1); break;
-            case 2: atd_k256_avx512(n, s, x, y, 2); break;
-            case 3: atd_k256_avx512(n, s, x, y, 3); break;
-            default: atd_k256_avx512(n, s, x, y, 4); break;
-        }
-    } else {
-        const block_atd_q8_64 * y = (const block_atd_q8_64 *)vy;
-        switch (planes) {
-            case 1: atd_k64_avx512(n, s, x, y, 1); break;
-            case 2: atd_k64_avx512(n, s, x, y, 2); break;
-            case 3: atd_k64_avx512(n, s, x, y, 3); break;
-            default: atd_k64_avx512(n, s, x, y, 4); break;
-        }
-    }
+// plane i of block b of four rows, one per 128-bit lane (13 bytes, 3 zero lanes)
+ATD_TARGET_AVX512 ATD_INLINE __m512i atd_gather4_ins(const uint8_t * blk, size_t bx, int off) {
+    const uint8_t * p   = blk + off;
+    const __m256i   P01 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_maskz_loadu_epi8(0x1fff, p)),
+                                                  _mm_maskz_loadu_epi8(0x1fff, p + bx), 1);
+    const __m256i   P23 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_maskz_loadu_epi8(0x1fff, p + 2 * bx)),
+                                                  _mm_maskz_loadu_epi8(0x1fff, p + 3 * bx), 1);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(P01), P23, 1);
 }
+
+#define ATD_GEMV64_ROWS_mul(R, blk, bx, bsz) (void)(R)
+#define ATD_GEMV64_PLANE_mul(R, idx, blk, bx, off) atd_gather4_ins((blk), (bx), (off))
+#if defined(ATD_HAVE_AVX512VBMI)
+// VBMI: rows 0, 1 and rows 2, 3 as two 128-byte tables; idx picks the plane's 13 bytes for each lane
+#define ATD_GEMV64_ROWS_lut(R, blk, bx, bsz)                                                                 \
+    do {                                                                                                     \
+        const __mmask64 m_ = (bsz) >= 64 ? ~0ull : (1ull << (bsz)) - 1;                                      \
+        for (int r_ = 0; r_ < 4; ++r_) (R)[r_] = _mm512_maskz_loadu_epi8(m_, (blk) + (size_t)r_ * (bx));   \
+    } while (0)
+#define ATD_GEMV64_PLANE_lut(R, idx, blk, bx, off)                                                           \
+    _mm512_or_si512(_mm512_maskz_permutex2var_epi8(0x1fff1fffull, (R)[0], (idx), (R)[1]),                   \
+                    _mm512_maskz_permutex2var_epi8(0x1fff1fffull << 32, (R)[2], (idx), (R)[3]))
+#endif
+
+#define ATD_DEFINE_AVX512_GEMV64(DEC, TARGET)                                                                \
+    TARGET ATD_INLINE void atd_gemv64_avx512_##DEC##_k(int n, const uint8_t * x, size_t bx,                   \
+                                                       const block_atd_q8_64 * y, float * out, const int planes) { \
+        const int    nb  = n / QK_ATD_64;                                                                   \
+        const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD_64);                                                \
+        __m512i      tab[8];                                                                                \
+        atd_tables512_##DEC(tab);                                                                           \
+        /* gather indices: lane l takes byte 2N + 13 i + (l % 16) of row (l / 16) % 2 of its table pair */  \
+        __m512i gidx[ATD_MAX_PLANES];                                                                       \
+        (void)gidx;                                                                                         \
+        ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                       \
+            ATD_ALIGN64 uint8_t t[64];                                                                      \
+            for (int l = 0; l < 64; ++l) t[l] = (uint8_t)(((l >> 4) & 1) * 64 + 2 * planes + ATD_S64 * i + (l & 15)); \
+            gidx[i] = _mm512_load_si512((const void *)t);                                                   \
+        }                                                                                                   \
+        __m128 L[ATD_LANES];                                                                                \
+        for (int l = 0; l < ATD_LANES; ++l) L[l] = _mm_setzero_ps();                                        \
+        for (int b = 0; b < nb; ++b) {                                                                      \
+            const block_atd_q8_64 * yb = y + b;                                                             \
+            __m512i o[ATD_Q8_64_GROUPS];                                                                    \
+            ATD_UNROLL for (int g = 0; g < ATD_Q8_64_GROUPS; ++g) {                                         \
+                o[g] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yb->qs[g]));                 \
+            }                                                                                               \
+            const uint8_t * blk = x + (size_t)b * bsz;                                                      \
+            for (int r = 0; r < 4; ++r) ATD_PREFETCH_BLOCK(blk + (size_t)r * bx, bsz);                       \
+            __m512i R[4];                                                                                   \
+            ATD_GEMV64_ROWS_##DEC(R, blk, bx, bsz);                                                         \
+            /* -sum q of each half in dword 0 of every lane: each row's lane sum takes it once */          \
+            const __m512i init0 = _mm512_maskz_set1_epi32(0x1111, -yb->sum[0]);                             \
+            const __m512i init1 = _mm512_maskz_set1_epi32(0x1111, -yb->sum[1]);                             \
+            __m512i a[2 * ATD_MAX_PLANES];                                                                  \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                const __m512i P = ATD_GEMV64_PLANE_##DEC(R, gidx[i], blk, bx, 2 * planes + i * ATD_S64);    \
+                __m512i       c[ATD_TRITS_PER_BYTE];                                                        \
+                atd_codes512_##DEC(P, tab, c);                                                              \
+                __m512i a0 = _mm512_dpbusd_epi32(init0, c[0], o[0]);                                        \
+                __m512i a1 = _mm512_dpbusd_epi32(init1, c[2], o[3]);                                        \
+                a0 = _mm512_dpbusd_epi32(a0, c[1], o[1]);                                                   \
+                a1 = _mm512_dpbusd_epi32(a1, c[3], o[4]);                                                   \
+                a[2 * i]     = _mm512_dpbusd_epi32(a0, c[2], o[2]);                                         \
+                a[2 * i + 1] = _mm512_dpbusd_epi32(a1, c[4], o[5]);                                         \
+            }                                                                                               \
+            __m128       alpha[ATD_MAX_PLANES];                                                             \
+            atd_alpha4(blk, bx, 4, alpha);                                                                  \
+            /* acc = [half 0 | half 1] over the 4 rows: the fma chain over the planes, in plane order */    \
+            __m256 acc = _mm256_setzero_ps();                                                               \
+            for (int i = 0; i < planes; i += 2) {                                                           \
+                const __m256 a_i = _mm256_insertf128_ps(_mm256_castps128_ps256(alpha[i]), alpha[i], 1);     \
+                if (i + 1 < planes) {                                                                       \
+                    const __m512 F = _mm512_cvtepi32_ps(atd_lane_sums4(a[2 * i], a[2 * i + 1], a[2 * i + 2],  \
+                                                                       a[2 * i + 3]));                     \
+                    const __m256 a_j = _mm256_insertf128_ps(_mm256_castps128_ps256(alpha[i + 1]), alpha[i + 1], 1); \
+                    acc = _mm256_fmadd_ps(a_i, _mm512_castps512_ps256(F), acc);                             \
+                    acc = _mm256_fmadd_ps(a_j, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(F), 1)), acc); \
+                } else {                                                                                    \
+                    acc = _mm256_fmadd_ps(a_i, _mm256_cvtepi32_ps(atd_lane_sums2(a[2 * i], a[2 * i + 1])), acc); \
+                }                                                                                           \
+            }                                                                                               \
+            const int l = b % ATD_LANES;                                                                    \
+            L[l] = _mm_fmadd_ps(_mm_set1_ps(yb->d[0]), _mm256_castps256_ps128(acc), L[l]);                  \
+            L[l] = _mm_fmadd_ps(_mm_set1_ps(yb->d[1]), _mm256_extractf128_ps(acc, 1), L[l]);                \
+        }                                                                                                   \
+        /* per row, the 16 lanes added pairwise as atd_dot_reduce16 does: vertical adds over 4 rows */      \
+        for (int w = ATD_LANES / 2; w >= 1; w /= 2) {                                                       \
+            for (int l = 0; l < w; ++l) L[l] = _mm_add_ps(L[l], L[l + w]);                                  \
+        }                                                                                                   \
+        _mm_storeu_ps(out, L[0]);                                                                           \
+    }                                                                                                       \
+    TARGET static void atd_gemv64_avx512_##DEC(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y, \
+                                               float * out, int planes) {                                  \
+        switch (planes) {                                                                                   \
+            case 1: atd_gemv64_avx512_##DEC##_k(n, x, bx, y, out, 1); break;                                \
+            case 2: atd_gemv64_avx512_##DEC##_k(n, x, bx, y, out, 2); break;                                \
+            case 3: atd_gemv64_avx512_##DEC##_k(n, x, bx, y, out, 3); break;                                \
+            default: atd_gemv64_avx512_##DEC##_k(n, x, bx, y, out, 4); break;                               \
+        }                                                                                                   \
+    }
+
+ATD_DEFINE_AVX512_GEMV64(mul, ATD_TARGET_AVX512)
+#if defined(ATD_HAVE_AVX512VBMI)
+ATD_DEFINE_AVX512_GEMV64(lut, ATD_TARGET_AVX512VBMI)
+#endif
+
+// ---- AVX-512 gemv of the 256 family: four rows per step -------------------------------------------------
+//
+// The activations of block b (five zmm, the bsums) are loaded once for four weight rows; each row's
+// plane sums go through the same vpdpbusd chain as vec_dot's, the four rows' sums of a plane are reduced
+// together, and row r's float parts live in lane r of a float32x4 per lane b % 16. Each result equals
+// atd_vec_dot of that row bit for bit.
+#define ATD_DEFINE_AVX512_GEMV256(DEC, TARGET)                                                               \
+    TARGET ATD_INLINE void atd_gemv256_avx512_##DEC##_k(int n, const uint8_t * x, size_t bx,                  \
+                                                        const block_q8_K * y, float * out, const int planes) { \
+        const int       nb    = n / QK_ATD;                                                                 \
+        const size_t    bsz   = ATD_TYPE_SIZE(planes, QK_ATD);                                              \
+        const __mmask64 plane = (1ull << ATD_S256) - 1;                                                     \
+        __m512i         tab[8];                                                                             \
+        atd_tables512_##DEC(tab);                                                                           \
+        __m128 L[ATD_LANES];                                                                                \
+        for (int l = 0; l < ATD_LANES; ++l) L[l] = _mm_setzero_ps();                                        \
+        for (int b = 0; b < nb; ++b) {                                                                      \
+            const block_q8_K * yb = y + b;                                                                  \
+            __m512i            q[ATD_TRITS_PER_BYTE];                                                       \
+            ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {                                        \
+                q[k] = _mm512_loadu_si512((const void *)(yb->qs + ATD_S256 * k));                           \
+            }                                                                                               \
+            const __m512i init = _mm512_zextsi256_si512(                                                    \
+                _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)yb->bsums), _mm256_set1_epi16(-1)));  \
+            const uint8_t * blk = x + (size_t)b * bsz;                                                      \
+            __m256i acc[4][ATD_MAX_PLANES];                                                                 \
+            ATD_UNROLL for (int r = 0; r < 4; ++r) {                                                        \
+                const uint8_t * br = blk + (size_t)r * bx;                                                  \
+                ATD_PREFETCH_BLOCK(br, bsz);                                                                \
+                ATD_UNROLL for (int i = 0; i < planes; ++i) {                                               \
+                    __m512i c[ATD_TRITS_PER_BYTE];                                                          \
+                    atd_codes512_##DEC(_mm512_maskz_loadu_epi8(plane, br + 2 * planes + i * ATD_S256), tab, c); \
+                    __m512i a = _mm512_dpbusd_epi32(init, c[0], q[0]);                                      \
+                    ATD_UNROLL for (int k = 1; k < ATD_TRITS_PER_BYTE; ++k) a = _mm512_dpbusd_epi32(a, c[k], q[k]); \
+                    acc[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1)); \
+                }                                                                                           \
+            }                                                                                               \
+            __m128i isum[1][ATD_MAX_PLANES];                                                                \
+            __m128  alpha[ATD_MAX_PLANES], dy[1];                                                           \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                isum[0][i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);                   \
+            }                                                                                               \
+            atd_alpha4(blk, bx, 4, alpha);                                                                  \
+            dy[0] = _mm_set1_ps(yb->d);                                                                     \
+            const int l = b % ATD_LANES;                                                                    \
+            L[l] = atd_combine4(L[l], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 1);       \
+        }                                                                                                   \
+        for (int w = ATD_LANES / 2; w >= 1; w /= 2) {                                                       \
+            for (int l = 0; l < w; ++l) L[l] = _mm_add_ps(L[l], L[l + w]);                                  \
+        }                                                                                                   \
+        _mm_storeu_ps(out, L[0]);                                                                           \
+    }                                                                                                       \
+    TARGET static void atd_gemv256_avx512_##DEC(int n, const uint8_t * x, size_t bx, const block_q8_K * y,   \
+                                                float * out, int planes) {                                 \
+        switch (planes) {                                                                                   \
+            case 1: atd_gemv256_avx512_##DEC##_k(n, x, bx, y, out, 1); break;                               \
+            case 2: atd_gemv256_avx512_##DEC##_k(n, x, bx, y, out, 2); break;                               \
+            case 3: atd_gemv256_avx512_##DEC##_k(n, x, bx, y, out, 3); break;                               \
+            default: atd_gemv256_avx512_##DEC##_k(n, x, bx, y, out, 4); break;                              \
+        }                                                                                                   \
+    }
+
+ATD_DEFINE_AVX512_GEMV256(mul, ATD_TARGET_AVX512)
+#if defined(ATD_HAVE_AVX512VBMI)
+ATD_DEFINE_AVX512_GEMV256(lut, ATD_TARGET_AVX512VBMI)
+#endif
 #endif  // ATD_HAVE_AVX512
 #endif  // ATD_HAVE_AVX2
 
 // ---- NEON ------------------------------------------------------------------------------------------------
 //
 // Integer plane sums with NEON (8-bit multiplies decode the digits: x_k = b * 3^k mod 256, code =
-// (x_k * 3) >> 8; sdot when the CPU has it, else widening multiplies), then the scalar float
-// combination, so results equal the scalar path bit for bit.
-#if defined(__ARM_NEON) && !defined(ATD_X86)
-#include <arm_neon.h>
-#define ATD_HAVE_NEON 1
+// (x_k * 3) >> 8; sdot when the CPU has it, else widening multiplies), then the float combination of
+// 16 blocks at once (four float32x4 lanes sets), so results equal the scalar path bit for bit.
+#if defined(ATD_HAVE_NEON)
 
 static inline int32x4_t atd_neon_dot(int32x4_t acc, uint8x16_t codes, int8x16_t q) {
 #if defined(__ARM_FEATURE_DOTPROD)
@@ -667,13 +978,32 @@ static inline int32x4_t atd_neon_bytes(int32x4_t acc, uint8x16_t x, const int8_t
     return acc;
 }
 
+static void atd_combine16_neon(float32x4_t * S, const atd_group * g, int planes, int halves) {
+    for (int v = 0; v < 4; ++v) {
+        float32x4_t a[ATD_MAX_PLANES];
+        for (int i = 0; i < planes; ++i) {
+            a[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(g->alpha[i] + 4 * v)));
+        }
+        for (int h = 0; h < halves; ++h) {
+            float32x4_t acc = vdupq_n_f32(0.0f);
+            for (int i = 0; i < planes; ++i) {
+                acc = vfmaq_f32(acc, a[i], vcvtq_f32_s32(vld1q_s32(g->isum[h][i] + 4 * v)));
+            }
+            S[v] = vfmaq_f32(S[v], vld1q_f32(g->dy[h] + 4 * v), acc);
+        }
+    }
+}
+
 static void atd_vec_dot_neon(int n, float * s, const void * vx, const void * vy, int planes, int block) {
-    const uint8_t * x   = (const uint8_t *)vx;
-    const size_t    bsz = ATD_TYPE_SIZE(planes, block);
-    double          sum[4] = { 0.0, 0.0, 0.0, 0.0 };
-    for (int b = 0; b < n / block; ++b) {
+    const uint8_t * x      = (const uint8_t *)vx;
+    const size_t    bsz    = ATD_TYPE_SIZE(planes, block);
+    const int       halves = atd_dot_halves(block);
+    const int       nb     = n / block;
+    atd_group       g;
+    float32x4_t     S[4] = { vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f) };
+    for (int b = 0; b < nb; ++b) {
         const uint8_t * blk = x + (size_t)b * bsz;
-        int32_t         isum[ATD_ISUMS];
+        const int       l   = b % ATD_LANES;
         if (block == QK_ATD) {
             const block_q8_K * yb = (const block_q8_K *)vy + b;
             const int32_t sumq = vaddvq_s32(vaddq_s32(vpaddlq_s16(vld1q_s16(yb->bsums)),
@@ -688,7 +1018,7 @@ static void atd_vec_dot_neon(int n, float * s, const void * vx, const void * vy,
                 acc = atd_neon_bytes(acc, vld1q_u8(p + 16), yb->qs + 16, ATD_S256);
                 acc = atd_neon_bytes(acc, vld1q_u8(p + 32), yb->qs + 32, ATD_S256);
                 acc = atd_neon_bytes(acc, vandq_u8(vld1q_u8(p + 36), tail), yb->qs + 36, ATD_S256);
-                isum[i] = vaddvq_s32(acc) - sumq;
+                g.isum[0][i][l] = vaddvq_s32(acc) - sumq;
             }
         } else {
             const block_atd_q8_64 * yb = (const block_atd_q8_64 *)vy + b;
@@ -697,47 +1027,44 @@ static void atd_vec_dot_neon(int n, float * s, const void * vx, const void * vy,
                 // 13 plane bytes in a zeroed 16-byte buffer: no read past the row
                 uint8_t buf[16] = { 0 };
                 memcpy(buf, blk + 2 * planes + i * ATD_S64, ATD_S64);
-                uint8x16_t x  = vld1q_u8(buf);
-                int32x4_t  a0 = atd_neon_dot(vdupq_n_s32(0), atd_neon_digit(x), vld1q_s8(yb->qs[0]));
-                x  = vmulq_u8(x, three);
-                a0 = atd_neon_dot(a0, atd_neon_digit(x), vld1q_s8(yb->qs[1]));
-                x  = vmulq_u8(x, three);
-                const uint8x16_t c2 = atd_neon_digit(x);  // digit 2 straddles the halves
+                uint8x16_t x8 = vld1q_u8(buf);
+                int32x4_t  a0 = atd_neon_dot(vdupq_n_s32(0), atd_neon_digit(x8), vld1q_s8(yb->qs[0]));
+                x8 = vmulq_u8(x8, three);
+                a0 = atd_neon_dot(a0, atd_neon_digit(x8), vld1q_s8(yb->qs[1]));
+                x8 = vmulq_u8(x8, three);
+                const uint8x16_t c2 = atd_neon_digit(x8);  // digit 2 straddles the halves
                 a0 = atd_neon_dot(a0, c2, vld1q_s8(yb->qs[2]));
                 int32x4_t a1 = atd_neon_dot(vdupq_n_s32(0), c2, vld1q_s8(yb->qs[3]));
-                x  = vmulq_u8(x, three);
-                a1 = atd_neon_dot(a1, atd_neon_digit(x), vld1q_s8(yb->qs[4]));
-                x  = vmulq_u8(x, three);
-                a1 = atd_neon_dot(a1, atd_neon_digit(x), vld1q_s8(yb->qs[5]));
-                isum[i]                  = vaddvq_s32(a0) - yb->sum[0];
-                isum[ATD_MAX_PLANES + i] = vaddvq_s32(a1) - yb->sum[1];
+                x8 = vmulq_u8(x8, three);
+                a1 = atd_neon_dot(a1, atd_neon_digit(x8), vld1q_s8(yb->qs[4]));
+                x8 = vmulq_u8(x8, three);
+                a1 = atd_neon_dot(a1, atd_neon_digit(x8), vld1q_s8(yb->qs[5]));
+                g.isum[0][i][l] = vaddvq_s32(a0) - yb->sum[0];
+                g.isum[1][i][l] = vaddvq_s32(a1) - yb->sum[1];
             }
         }
-        sum[b & 3] += atd_dot_part(blk, atd_dot_dy(vy, block, b), isum, planes, atd_dot_halves(block));
+        atd_group_put_scales(&g, l, blk, atd_dot_dy(vy, block, b), planes, halves);
+        if (l == ATD_LANES - 1 || b == nb - 1) {
+            atd_group_clear_tail(&g, l + 1);
+            atd_combine16_neon(S, &g, planes, halves);
+        }
     }
-    *s = atd_dot_finish(sum);
+    float acc[ATD_LANES];
+    for (int v = 0; v < 4; ++v) vst1q_f32(acc + 4 * v, S[v]);
+    *s = atd_dot_reduce16(acc);
 }
 #endif  // NEON
-
-// Dispatch state is probed lazily and may be touched by several ggml threads at once: relaxed
-// atomics where the compiler has them (every thread computes and stores the same values).
-#if defined(__GNUC__) || defined(__clang__)
-#define ATD_LOAD(v)     __atomic_load_n(&(v), __ATOMIC_RELAXED)
-#define ATD_STORE(v, x) __atomic_store_n(&(v), (x), __ATOMIC_RELAXED)
-#else
-#define ATD_LOAD(v)     (v)
-#define ATD_STORE(v, x) ((v) = (x))
-#endif
 
 // ---- dispatch ----------------------------------------------------------------------------------------
 //
 // Variants inside a path (tests force them with atd_dot_set_variant):
 //   AVX2:    1 maddubs, 2 AVX-VNNI, 3 AVX512-VL vpdpbusd on ymm (a stand-in for 2 on AVX-512 CPUs)
+//   AVX-512: 1 mul decoder, 2 VBMI table decoder
 // 0 = the best the CPU has.
 static int atd_dot_variant[ATD_PATH_NEON + 1];
 
 #if defined(ATD_HAVE_AVX2)
-static int atd_dot_cpu_has(const char * feature) {
+static int atd_cpu_has_raw(const char * feature) {
 #if ATD_RUNTIME_DISPATCH
     __builtin_cpu_init();
     // __builtin_cpu_supports needs string literals
@@ -748,14 +1075,29 @@ static int atd_dot_cpu_has(const char * feature) {
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
     }
+    if (strcmp(feature, "avx512vbmi") == 0) {
+        return __builtin_cpu_supports("avx512vbmi");
+    }
     if (strcmp(feature, "avxvnni") == 0) {
         return __builtin_cpu_supports("avxvnni");
     }
     return 0;
 #else
-    (void)feature;
-    return 1;  // compile-time selection: compiled means runnable
+    // compile-time selection: compiled means runnable
+    if (strcmp(feature, "avx512vbmi") == 0) {
+#if defined(ATD_HAVE_AVX512VBMI)
+        return 1;
+#else
+        return 0;
 #endif
+    }
+    return 1;
+#endif
+}
+
+// 1 if this build and CPU have the feature, else 0
+int atd_cpu_has(const char * feature) {
+    return atd_cpu_has_raw(feature) != 0;
 }
 #endif
 
@@ -765,11 +1107,11 @@ static int atd_dot_path_probe(int path) {
             return 1;
 #if defined(ATD_HAVE_AVX2)
         case ATD_PATH_AVX2:
-            return atd_dot_cpu_has("avx2");
+            return atd_cpu_has("avx2");
 #endif
 #if defined(ATD_HAVE_AVX512)
         case ATD_PATH_AVX512:
-            return atd_dot_cpu_has("avx2") && atd_dot_cpu_has("avx512");
+            return atd_cpu_has("avx2") && atd_cpu_has("avx512");
 #endif
 #if defined(ATD_HAVE_NEON)
         case ATD_PATH_NEON:
@@ -800,18 +1142,26 @@ static int atd_dot_variant_ok(int path, int v) {
     }
     if (path == ATD_PATH_AVX2) {
 #if defined(ATD_HAVE_AVXVNNI)
-        if (v == 2) return atd_dot_cpu_has("avxvnni");
+        if (v == 2) return atd_cpu_has("avxvnni");
 #endif
 #if defined(ATD_HAVE_AVX512)
         if (v == 3) return atd_path_available(ATD_PATH_AVX512);
 #endif
     }
+#if defined(ATD_HAVE_AVX512VBMI)
+    if (path == ATD_PATH_AVX512 && v == 2) {
+        return atd_cpu_has("avx512vbmi");
+    }
+#endif
     return v == 1;
 }
 
 static int atd_dot_best_variant_probe(int path) {
     if (path == ATD_PATH_AVX2) {
         return atd_dot_variant_ok(path, 2) ? 2 : atd_dot_variant_ok(path, 3) ? 3 : 1;
+    }
+    if (path == ATD_PATH_AVX512) {
+        return atd_dot_variant_ok(path, 2) ? 2 : 1;
     }
     return 1;
 }
@@ -827,6 +1177,8 @@ static int atd_dot_best_variant(int path) {
     return v;
 }
 
+static void atd_dot_auto_clear(void);
+
 // internal test hook (declared by ggml-ext/tests/atd_dot_test.c, not in atd.h): 1 if runnable
 int atd_dot_set_variant(int path, int variant);
 int atd_dot_set_variant(int path, int variant) {
@@ -834,7 +1186,17 @@ int atd_dot_set_variant(int path, int variant) {
         return 0;
     }
     ATD_STORE(atd_dot_variant[path], variant);
+    atd_dot_auto_clear();
     return 1;
+}
+
+// the variant a path runs (the forced one, else the best); atd-mm.c follows the same choice
+int atd_dot_variant_of(int path) {
+    if (path < ATD_PATH_SCALAR || path > ATD_PATH_NEON) {
+        return 1;
+    }
+    const int forced = ATD_LOAD(atd_dot_variant[path]);
+    return forced ? forced : atd_dot_best_variant(path);
 }
 
 static int atd_dot_best_path(void) {
@@ -866,51 +1228,100 @@ int atd_selected_path(void) {
 void atd_set_path(int path) {
     // an unavailable path means AUTO, so atd_vec_dot never runs code the CPU lacks
     ATD_STORE(atd_dot_forced, (path != ATD_PATH_AUTO && atd_path_available(path)) ? path : ATD_PATH_AUTO);
+    atd_dot_auto_clear();
+}
+
+// the kernel of a path and its variant (forced, else the best)
+typedef void (*atd_dot_fn)(int n, float * s, const void * vx, const void * vy, int planes, int block);
+
+static atd_dot_fn atd_dot_resolve(int path) {
+    const int v = atd_dot_variant_of(path);
+    (void)v;
+    switch (path) {
+#if defined(ATD_HAVE_AVX512)
+        case ATD_PATH_AVX512:
+#if defined(ATD_HAVE_AVX512VBMI)
+            if (v == 2) return atd_vec_dot_avx512_lut;
+#endif
+            return atd_vec_dot_avx512_mul;
+#endif
+#if defined(ATD_HAVE_AVX2)
+        case ATD_PATH_AVX2:
+#if defined(ATD_HAVE_AVXVNNI)
+            if (v == 2) return atd_vec_dot_avx2_vnni;
+#endif
+#if defined(ATD_HAVE_AVX512)
+            if (v == 3) return atd_vec_dot_avx2_evex;
+#endif
+            return atd_vec_dot_avx2_mad;
+#endif
+#if defined(ATD_HAVE_NEON)
+        case ATD_PATH_NEON:
+            return atd_vec_dot_neon;
+#endif
+        default:
+            return atd_vec_dot_scalar;
+    }
+}
+
+// the selected path's kernel, resolved once: ggml calls vec_dot once per weight row, and short rows
+// (576 weights) made the dispatch a few percent of the time. Forcing a path or a variant clears it.
+static atd_dot_fn atd_dot_auto;
+
+static void atd_dot_auto_clear(void) {
+    ATD_STORE(atd_dot_auto, (atd_dot_fn)0);
 }
 
 void atd_vec_dot_path(int n, float * s, const void * vx, const void * vy, int planes, int block, int path) {
     if (path == ATD_PATH_AUTO || !atd_path_available(path)) {
         path = atd_selected_path();
     }
-    const int forced_v = ATD_LOAD(atd_dot_variant[path]);
-    const int v        = forced_v ? forced_v : atd_dot_best_variant(path);
-    (void)v;
-    switch (path) {
-#if defined(ATD_HAVE_AVX512)
-        case ATD_PATH_AVX512:
-            atd_vec_dot_avx512(n, s, vx, vy, planes, block);
-            return;
-#endif
-#if defined(ATD_HAVE_AVX2)
-        case ATD_PATH_AVX2:
-#if defined(ATD_HAVE_AVXVNNI)
-            if (v == 2) {
-                atd_vec_dot_avx2_vnni(n, s, vx, vy, planes, block);
-                return;
-            }
-#endif
-#if defined(ATD_HAVE_AVX512)
-            if (v == 3) {
-                atd_vec_dot_avx2_evex(n, s, vx, vy, planes, block);
-                return;
-            }
-#endif
-            atd_vec_dot_avx2_mad(n, s, vx, vy, planes, block);
-            return;
-#endif
-#if defined(ATD_HAVE_NEON)
-        case ATD_PATH_NEON:
-            atd_vec_dot_neon(n, s, vx, vy, planes, block);
-            return;
-#endif
-        default:
-            break;
-    }
-    atd_vec_dot_scalar(n, s, vx, vy, planes, block);
+    atd_dot_resolve(path)(n, s, vx, vy, planes, block);
 }
 
 void atd_vec_dot(int n, float * s, const void * vx, const void * vy, int planes, int block) {
-    atd_vec_dot_path(n, s, vx, vy, planes, block, atd_selected_path());
+    atd_dot_fn f = ATD_LOAD(atd_dot_auto);
+    if (f == (atd_dot_fn)0) {
+        f = atd_dot_resolve(atd_selected_path());
+        ATD_STORE(atd_dot_auto, f);
+    }
+    f(n, s, vx, vy, planes, block);
+}
+
+// One activation row against nr weight rows (stride bx bytes): out[r] = atd_vec_dot of row r, bit for
+// bit. AVX-512 takes four rows per step; the other paths call vec_dot row by row.
+void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, float * out) {
+    const uint8_t * x    = (const uint8_t *)vx;
+    const int       path = atd_selected_path();
+    int             r    = 0;
+#if defined(ATD_HAVE_AVX512)
+    if (path == ATD_PATH_AVX512 && n >= block && planes >= 1 && planes <= ATD_MAX_PLANES) {
+        const int v = atd_dot_variant_of(path);
+        (void)v;
+        for (; r + 4 <= nr; r += 4) {
+            const uint8_t * xr = x + (size_t)r * bx;
+#if defined(ATD_HAVE_AVX512VBMI)
+            if (v == 2) {
+                if (block == QK_ATD) {
+                    atd_gemv256_avx512_lut(n, xr, bx, (const block_q8_K *)vy, out + r, planes);
+                } else {
+                    atd_gemv64_avx512_lut(n, xr, bx, (const block_atd_q8_64 *)vy, out + r, planes);
+                }
+                continue;
+            }
+#endif
+            if (block == QK_ATD) {
+                atd_gemv256_avx512_mul(n, xr, bx, (const block_q8_K *)vy, out + r, planes);
+            } else {
+                atd_gemv64_avx512_mul(n, xr, bx, (const block_atd_q8_64 *)vy, out + r, planes);
+            }
+        }
+    }
+#endif
+    (void)path;
+    for (; r < nr; ++r) {
+        atd_vec_dot(n, out + r, x + (size_t)r * bx, vy, planes, block);
+    }
 }
 
 // ---- activation quantizers ---------------------------------------------------------------------------

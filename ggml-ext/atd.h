@@ -77,6 +77,15 @@ typedef struct {
     int8_t  qs[ATD_Q8_64_GROUPS][16];
 } block_atd_q8_64;
 
+// Activations of the 64 family for the batched kernels (atd-mm.c): natural order, the values of
+// block_atd_q8_64 (a scale per 32), and bias[h] = -128 * (sum of the 32 q of half h): the kernels
+// multiply the weights as unsigned bytes w + 128.
+typedef struct {
+    float   d[2];
+    int32_t bias[2];
+    int8_t  qs[QK_ATD_64];
+} block_atd_q8_64mm;
+
 // bytes of one block: N fp16 scales + N planes of ceil(B/5) bytes (the formula gguf_types uses)
 #define ATD_TYPE_SIZE(N, B) ((N) * (2 + ATD_PLANE_BYTES(B)))
 
@@ -96,6 +105,7 @@ ATD_STATIC_ASSERT(sizeof(block_atd2_64) == ATD_TYPE_SIZE(2, QK_ATD_64), "wrong a
 ATD_STATIC_ASSERT(sizeof(block_atd3_64) == ATD_TYPE_SIZE(3, QK_ATD_64), "wrong atd3_64 block size/padding");
 ATD_STATIC_ASSERT(sizeof(block_atd4_64) == ATD_TYPE_SIZE(4, QK_ATD_64), "wrong atd4_64 block size/padding");
 ATD_STATIC_ASSERT(sizeof(block_atd_q8_64) == 4*sizeof(int32_t) + ATD_Q8_64_GROUPS*16, "wrong atd_q8_64 block size");
+ATD_STATIC_ASSERT(sizeof(block_atd_q8_64mm) == 4*sizeof(int32_t) + QK_ATD_64, "wrong atd_q8_64mm block size");
 ATD_STATIC_ASSERT(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K/16*sizeof(int16_t), "wrong q8_K block size");
 
 #ifndef ATD_CFFI_CDEF
@@ -148,10 +158,33 @@ int  atd_path_available(int path);
 int  atd_selected_path(void);
 void atd_set_path(int path);
 
+// One activation row against nr weight rows (stride bx bytes): out[r] = atd_vec_dot of row r, bit for
+// bit (four rows per step on AVX-512).
+void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, float * out);
+
 // Activation quantizers: q8_K (standalone builds: tests and benchmarks; ggml has its own) and the
 // 64 family's atd_q8_64 (also ggml's from_float for it): per 32, d = max|x| / 127, q = nearest int of x / d.
 void atd_quantize_row_q8_K_ref(const float * x, block_q8_K * y, int64_t k);
 void quantize_row_atd_q8_64(const float * x, void * y, int64_t k);
+
+// ---- batched matmul (atd-mm.c): more than one activation row ----------------------------------------
+//
+// dst[c * ldd + r] = row r of the weights (nr rows of n weights, stride bx bytes) . activation row c
+// (nc rows, stride by bytes: q8_K for B = QK_ATD, block_atd_q8_64mm for B = QK_ATD_64). Each weight
+// block is decoded once into int8 (a scale per block) and used for every activation row: the result
+// differs from atd_vec_dot by at most sum_blocks (sum_i |alpha_i| / 254) * sum_e |x_e| plus float
+// rounding. scratch: atd_mul_mat_scratch_size() bytes, one per concurrent call. Every path returns the
+// same bits; atd_mul_mat_path forces one (ATD_PATH_AUTO: the selected path).
+size_t   atd_mul_mat_scratch_size(void);
+void     atd_mul_mat(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by,
+                     int nc, float * dst, size_t ldd, void * scratch);
+void     atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy,
+                          size_t by, int nc, float * dst, size_t ldd, void * scratch, int path);
+// bytes of one activation row of n values for the batched kernels, and the 64 family's quantizer
+size_t   atd_mm_act_row_size(int block, int64_t n);
+void     quantize_row_atd_q8_64mm(const float * x, void * y, int64_t k);
+// how many times atd_mul_mat has run (tests: the batched path is really taken)
+uint64_t atd_mul_mat_calls(void);
 
 // ---- ggml-style per-type entry points (the trait tables of the llama.cpp patch point at these) ----
 #define ATD_DECLARE(name, N, B, vtype)                                                                   \

@@ -58,7 +58,8 @@ GGML_TYPE_Q4_0, GGML_TYPE_Q8_0, GGML_TYPE_Q8_K, GGML_TYPE_TQ1_0, GGML_TYPE_TQ2_0
 V1_COMMIT = "fee6ba8"
 PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON = 1, 2, 3, 4
 PATH_NAMES = {PATH_SCALAR: "scalar", PATH_AVX2: "AVX2", PATH_AVX512: "AVX-512", PATH_NEON: "NEON"}
-VARIANT_NAMES = {(PATH_AVX2, 1): "maddubs", (PATH_AVX2, 2): "AVX-VNNI", (PATH_AVX2, 3): "VL-VNNI ymm"}
+VARIANT_NAMES = {(PATH_AVX2, 1): "maddubs", (PATH_AVX2, 2): "AVX-VNNI", (PATH_AVX2, 3): "VL-VNNI ymm",
+                 (PATH_AVX512, 1): "mulhi decoder", (PATH_AVX512, 2): "VBMI tables"}
 
 ROW = 4096
 
@@ -83,6 +84,25 @@ double bench_atd(int n, const void * x, size_t row_bytes, long nrows, const void
     *out = acc;
     return t;
 }
+
+#if defined(ATD_BENCH_BATCHED)  // format 2 only
+// atd_gemv: one activation row against nrows weight rows (4 rows per step for the 64 family on AVX-512)
+double bench_gemv(int n, const void * x, size_t row_bytes, long nrows, const void * y, int planes, int block,
+                  long reps, float * out) {
+    double t0 = now();
+    for (long r = 0; r < reps; ++r) atd_gemv(n, planes, block, x, row_bytes, (int)nrows, y, out);
+    return now() - t0;
+}
+
+// the batched kernels: nrows weight rows x ncols activation rows
+double bench_mm(int n, const void * x, size_t row_bytes, int nrows, const void * y, size_t by, int ncols, int planes,
+                int block, int path, long reps, float * out, void * scratch) {
+    double t0 = now();
+    for (long r = 0; r < reps; ++r)
+        atd_mul_mat_path(n, planes, block, x, row_bytes, nrows, y, by, ncols, out, (size_t)nrows, scratch, path);
+    return now() - t0;
+}
+#endif
 
 double bench_ggml(void * fn, int n, const void * x, size_t row_bytes, long nrows, const void * y, long reps,
                   float * out) {
@@ -137,24 +157,24 @@ def ggml_libs() -> Path:
     return lib.parent
 
 
-def _build_lib(src_dir: Path, out: Path) -> Path:
+def _build_lib(src_dir: Path, out: Path, defines: tuple[str, ...] = ()) -> Path:
     """src_dir/*.c (+ atd.h) and the timing loops as one shared library (rebuilt when a source is newer)."""
     BUILD.mkdir(parents=True, exist_ok=True)
     helper = BUILD / "atd_bench_helper.c"
     if not helper.is_file() or helper.read_text() != HELPER_C:
         helper.write_text(HELPER_C)
     sources = sorted(src_dir.glob("*.c")) + [helper]
-    newest = max(p.stat().st_mtime for p in sources + [src_dir / "atd.h"])
+    newest = max(p.stat().st_mtime for p in sources + list(src_dir.glob("*.h")))
     if not out.is_file() or out.stat().st_mtime < newest:
         # the flags of ggml-ext/build_ffi.py; no -march (paths are chosen at run time)
         cmd = ["gcc", "-std=gnu11", "-O3", "-ffp-contract=off", "-fno-fast-math", "-pthread", "-shared", "-fPIC",
-               "-I", str(src_dir), *map(str, sources), "-o", str(out), "-lm"]
+               *(f"-D{d}" for d in defines), "-I", str(src_dir), *map(str, sources), "-o", str(out), "-lm"]
         subprocess.run(cmd, check=True)
     return out
 
 
 def atd_lib() -> Path:
-    return _build_lib(EXT, BUILD / "libatd-bench.so")
+    return _build_lib(EXT, BUILD / "libatd-bench.so", ("ATD_BENCH_BATCHED",))
 
 
 def atd_v1_lib() -> Path | None:
@@ -212,6 +232,15 @@ class Libs:
         lib.bench_atd.argtypes = [i, vp, sz, l_, vp, i, i, i, l_, fp]
         lib.bench_ggml.restype = ctypes.c_double
         lib.bench_ggml.argtypes = [vp, i, vp, sz, l_, vp, l_, fp]
+        if hasattr(lib, "atd_gemv"):  # not in the format-1 library
+            lib.bench_gemv.restype = ctypes.c_double
+            lib.bench_gemv.argtypes = [i, vp, sz, l_, vp, i, i, l_, fp]
+            lib.bench_mm.restype = ctypes.c_double
+            lib.bench_mm.argtypes = [i, vp, sz, i, vp, sz, i, i, i, i, l_, fp, vp]
+            lib.atd_mul_mat_scratch_size.restype = sz
+            lib.atd_mm_act_row_size.restype = sz
+            lib.atd_mm_act_row_size.argtypes = [i, ctypes.c_int64]
+            lib.quantize_row_atd_q8_64mm.argtypes = [vp, vp, ctypes.c_int64]
         lib.atd_path_available.argtypes = [i]
         lib.atd_dot_set_variant.argtypes = [i, i]
         lib.atd_quantize_row_q8_K_ref.argtypes = [vp, vp, ctypes.c_int64]
@@ -219,7 +248,7 @@ class Libs:
 
     def variant(self, path: int) -> str:
         """The variant the path runs by default (AVX2: VNNI where the CPU has it)."""
-        for v in (2, 3, 1) if path == PATH_AVX2 else ():
+        for v in {PATH_AVX2: (2, 3, 1), PATH_AVX512: (2, 1)}.get(path, ()):
             if self.atd.atd_dot_set_variant(path, v):
                 self.atd.atd_dot_set_variant(path, 0)
                 return VARIANT_NAMES[(path, v)]
@@ -396,6 +425,12 @@ def main() -> int:
             for path in paths:
                 k = Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block, path=path)
                 measure(name, path, planes, t.bpw, k, scalar=path == PATH_SCALAR)
+                if path == PATH_AVX512 and libs.atd.atd_dot_set_variant(path, 2):
+                    # the mulhi decoder (AVX-512 CPUs without VBMI) next to the default table decoder
+                    libs.atd.atd_dot_set_variant(path, 1)
+                    measure(name, "AVX-512 (mulhi decoder)", planes, t.bpw,
+                            Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block, path=path))
+                    libs.atd.atd_dot_set_variant(path, 0)
             if libs.v1 is not None and planes in (2, 3):  # format 1 (2 bits per trit), same run
                 v1_bytes = planes * (2 + block // 4)
                 y1 = activations(libs, rng, GGML_TYPE_Q8_K if block == 256 else GGML_TYPE_Q8_0)
@@ -404,12 +439,85 @@ def main() -> int:
                                planes=planes, block=block, path=path, lib=libs.v1)
                     measure(name + " v1", path, planes, v1_bytes * 8 / block, k)
 
-    md = report(libs, rows, dram, args)
+    batched = measure_batched(libs, rng, paths, quick=args.quick)
+    md = report(libs, rows, dram, args) + batched
     print(md)
     if not args.quick:
         args.out.write_text(md)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def best_seconds(run, runs: int, target_s: float = 0.02) -> float:
+    reps = calibrate(run, target_s)
+    return min(run(reps) / reps for _ in range(runs))
+
+
+def measure_batched(libs: Libs, rng, paths, quick: bool) -> str:
+    """The kernels of more than one row: atd_gemv (one activation row, SmolLM2's 576-wide rows, 4 rows per
+    step on AVX-512) against vec_dot row by row, and the batched matmul against vec_dot on every pair."""
+    lib, runs = libs.atd, 3 if quick else 10
+    out = ctypes.c_float()
+    lines = ["", "## Several rows at once", "",
+             "Single thread, in cache (best of several runs). **gemv**: one activation row against 1536 weight rows "
+             "of 576 (SmolLM2's shape): `atd_gemv`, which takes four rows per step for the 64 family on AVX-512 "
+             "(bit-equal to vec_dot), next to `atd_vec_dot` row by row. **batched**: 512 weight rows x 64 "
+             "activation rows, rows of 4096 (256-blocks) or 576 (64-blocks): `atd_mul_mat`, in G weight x "
+             "activation products per second, next to vec_dot on every pair (the path ggml takes without it).", "",
+             "| kernel | path | gemv Gw/s | vec_dot row by row Gw/s | batched G/s | batched / vec_dot |",
+             "|---|---|---|---|---|---|"]
+    for block in (256, 64):
+        for planes in (1, 2, 3, 4):
+            name = f"ATD{planes}" + ("_64" if block == 64 else "")
+            t = gguf_types.atd_type(name)
+            n = ROW if block == 256 else 576
+            nb, rows_g = n // block, 1536
+            x = gguf_types.pack_blocks(rng.integers(-1, 2, (rows_g * nb, planes, block)).astype(np.int8),
+                                       (rng.standard_normal((rows_g * nb, planes)) * 0.02).astype(np.float16)).reshape(-1)
+            row_bytes = nb * t.type_size
+            xf = rng.standard_normal(n).astype(np.float32)
+            yv = np.zeros(nb * 292 + 64, dtype=np.uint8)
+            if block == 256:
+                lib.atd_quantize_row_q8_K_ref(ptr(xf), ptr(yv), n)
+            else:
+                lib.quantize_row_atd_q8_64(ptr(xf), ptr(yv), n)
+            outv = np.zeros(rows_g, dtype=np.float32)
+            nr, nc = 512, 64
+            by = lib.atd_mm_act_row_size(block, n)
+            ym = np.zeros(by * nc + 64, dtype=np.uint8)
+            for c in range(nc):
+                xc = rng.standard_normal(n).astype(np.float32)
+                if block == 256:
+                    lib.atd_quantize_row_q8_K_ref(ptr(xc), ptr(ym) + c * by, n)
+                else:
+                    lib.quantize_row_atd_q8_64mm(ptr(xc), ptr(ym) + c * by, n)
+            scratch = np.zeros(lib.atd_mul_mat_scratch_size(), dtype=np.uint8)
+            outm = np.zeros(nr * nc, dtype=np.float32)
+            for path in paths:
+                if path == PATH_SCALAR and block == 64 and planes > 1:
+                    continue  # slow and says nothing new
+                lib.atd_set_path(path)
+                g = v = "-"
+                if block == 64 or path != PATH_SCALAR:
+                    tg = best_seconds(lambda r: lib.bench_gemv(n, ptr(x), row_bytes, rows_g, ptr(yv), planes, block, r,
+                                                               outv.ctypes.data_as(ctypes.POINTER(ctypes.c_float))), runs)
+                    tv = best_seconds(lambda r: lib.bench_atd(n, ptr(x), row_bytes, rows_g, ptr(yv), planes, block, path,
+                                                              r, ctypes.byref(out)), runs)
+                    g, v = f"{rows_g * n / tg * 1e-9:.1f}", f"{rows_g * n / tv * 1e-9:.1f}"
+                tm = best_seconds(lambda r: lib.bench_mm(n, ptr(x), row_bytes, nr, ptr(ym), by, nc, planes, block,
+                                                         path, r, outm.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                         ptr(scratch)), 3 if path == PATH_SCALAR else runs)
+                rate = nr * nc * n / tm * 1e-9
+                lines.append(f"| {name} | {PATH_NAMES[path]} | {g} | {v} | {rate:.1f} | "
+                             + (f"{rate / float(v):.1f}x" if v != "-" else "-") + " |")
+                print(f"  {name:8s} {PATH_NAMES[path]:8s} gemv {g} (vec_dot {v}) batched {nr * nc * n / tm * 1e-9:.1f}",
+                      file=sys.stderr)
+            lib.atd_set_path(0)
+    lines += ["", "Without the batched kernels ggml runs vec_dot on every (weight row, activation row) pair, at the "
+              "row-by-row rate: every weight is decoded again for every activation row. The batched kernels decode "
+              "each block once per chunk into int8 and then do one int8 multiply-add per weight and activation "
+              "(docs/llama-plugin.md)."]
+    return "\n".join(lines) + "\n"
 
 
 def machine() -> str:
@@ -470,21 +578,27 @@ def report(libs: Libs, rows, dram: bool, args) -> str:
 NOTES = """## Notes
 
 * **Exact results.** Every ATD path returns the same float bits as the scalar reference: the integer
-  plane sums are exact, and the float combination (per block: sum_i alpha_i * isum_i, times d_y, added
-  to one of four block-interleaved double accumulators) uses only products that are exact in the
-  precision used, so FMA contraction and vector width cannot change a bit. The SIMD paths keep the
-  integer sums of up to 64 blocks and combine them 4 blocks at a time; ggml's kernels instead
-  accumulate float vectors across blocks.
-* **Decoding base-3 bytes** (format 2): a byte b holding 5 trits sits in a 16-bit lane as b << 8;
-  mulhi(lane, 3) is its top digit and lane * 3 (two adds) moves to the next digit. Even and odd bytes
-  take one lane set each, so a digit of 32 (64) bytes costs two vpmulhuw, one or/ternlog and four adds
-  before the vpdpbusd. ggml's TQ1_0 decodes its base-3 bytes with byte multiplies and averages.
+  plane sums are exact, and the float combination is a fixed sequence of explicit fused multiply-adds
+  (per block: a = fma chain over the planes of alpha_i * isum_i, then lane = fma(d_y, a, lane) with block b
+  in lane b % 16; the 16 lanes added pairwise at the end), so neither FMA contraction nor vector width
+  can change a bit. The SIMD paths take 4 blocks per step (the integer sums of 4 blocks reduced at once,
+  their float parts in one float32x4), which is the scalar loop's order.
+* **Decoding base-3 bytes** (format 2): AVX-512 with VBMI looks the digits up: two 256-entry tables (digits
+  0..3 packed in 2-bit fields, and digit 4), each a vpermi2b pair on the low 7 bits blended by the top
+  bit, then a shift and an and per digit. Without VBMI (the "mulhi decoder" rows) a byte b sits in a
+  16-bit lane as b << 8: mulhi(lane, 3) is its top digit and lane * 3 moves to the next one. AVX2 with
+  vpdpbusd skips decoding for the 256-blocks: with x_{k+1} = 3 x_k mod 256 (two byte adds) the code of
+  digit k is (3 x_k - x_{k+1}) / 256, so two vpdpbusd on the raw bytes give the plane sum of a digit.
 * **B = 64** (ATD*_64 against atd_q8_64): the activations come in 64-blocks stored by digit (16 bytes per
-  digit, zeros in the lanes no trit meets), with their sum precomputed, so a block's decode needs no
-  masks and no per-32 bookkeeping; AVX-512 decodes four blocks per zmm.
-* **DRAM**: one core can stream at most about the highest GB/s in the table. Rows near it are
-  memory-bound; rows well below it (scalar) are still compute-bound when streaming. DRAM bandwidth is
-  shared with whatever else runs on the machine, so DRAM columns are noisier than in-cache ones.
+  digit, zeros in the lanes no trit meets), with their sum precomputed; AVX-512 decodes four blocks per
+  zmm (vec_dot: four consecutive blocks of a row, the activation groups gathered by a 128-bit lane
+  transpose; gemv, the path of token generation in the patched llama.cpp: block b of four rows, the
+  activations broadcast). A 64-block needs a second vpdpbusd for digit 2 (it straddles the two scales
+  per 32) and its own float combination, so its rate per plane stays below the 256-blocks'.
+* **DRAM**: weight rows stream from memory once per token; the kernels prefetch 2 KiB ahead (their
+  masked and unaligned plane loads alone leave the hardware prefetchers behind). Rows near the highest
+  GB/s in the table are memory-bound; DRAM bandwidth is shared with whatever else runs on the machine,
+  so DRAM columns are noisier than in-cache ones.
 * The TQ1_0 row's own "vs TQ1_0" (the kernel paired with itself) shows the measurement noise.
 * ggml is built with `GGML_AVX_VNNI` only when the CPU has AVX-VNNI: with it ggml's Q4_0 kernel
   uses the VEX `vpdpbusd`, an illegal instruction on CPUs (such as AMD Zen 4) that have AVX512-VNNI

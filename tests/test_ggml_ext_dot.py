@@ -278,3 +278,209 @@ def test_simd_paths_are_faster_than_scalar(atd):
         for p in simd:
             t = best_time(p)
             assert t * 2.0 < t_scalar, (PATH_NAMES[p], planes, block, t, t_scalar)
+
+
+# ------------------------------------------------------------------------------------ batched matmul
+#
+# ggml-ext/atd-mm.c (more than one activation row): each weight block is decoded once into int8 with one
+# step per block, s_b = A_b / 127 where A_b = sum_i |alpha_i|, so every weight moves by at most
+# A_b / 254, and a result differs from the exact dot of the decoded weights and activations (and from
+# the one-row vec_dot) by at most  sum_b (A_b / 254) * sum_{e in b} |x_e|  plus float rounding.
+
+ATD_Q8_64MM = np.dtype([("d", "<f4", 2), ("bias", "<i4", 2), ("qs", "i1", 64)])
+assert ATD_Q8_64MM.itemsize == 80
+
+
+def _mm_activations(lib, ffi, rng, block, n, nc, extreme=False):
+    """nc activation rows for the batched kernels and for vec_dot: (batched cdata, row bytes, vec_dot
+    cdata list, dequantized float64 (nc, n))."""
+    x = (rng.standard_normal((nc, n)) * np.exp(rng.standard_normal((nc, 1)) * 2)).astype(np.float32)
+    if extreme:
+        x[:, rng.integers(0, n, 3)] *= 1e3  # outliers
+    by = int(lib.atd_mm_act_row_size(block, n))
+    ybuf = ffi.new("char[]", by * nc)
+    yv, act = [], np.zeros((nc, n))
+    for c in range(nc):
+        xp = ffi.cast("const float *", ffi.from_buffer(x[c]))
+        if block == 256:
+            lib.atd_quantize_row_q8_K_ref(xp, ffi.cast("block_q8_K *", ybuf + c * by), n)
+            arr = np.frombuffer(ffi.buffer(ybuf + c * by, by), dtype=Q8_K)
+            act[c] = (arr["d"].astype(np.float64)[:, None] * arr["qs"]).reshape(-1)
+            yv.append(ffi.cast("block_q8_K *", ybuf + c * by))
+        else:
+            lib.quantize_row_atd_q8_64mm(xp, ybuf + c * by, n)
+            arr = np.frombuffer(ffi.buffer(ybuf + c * by, by), dtype=ATD_Q8_64MM)
+            act[c] = (np.repeat(arr["d"].astype(np.float64), 32, axis=1) * arr["qs"]).reshape(-1)
+            assert np.array_equal(arr["bias"], -128 * arr["qs"].reshape(-1, 2, 32).astype(np.int64).sum(-1))
+            y = ffi.new("block_atd_q8_64[]", n // 64)
+            lib.quantize_row_atd_q8_64(xp, y, n)
+            v = np.frombuffer(ffi.buffer(y), dtype=ATD_Q8_64)
+            # the same values as vec_dot's activations, only in natural order
+            assert np.array_equal(v["d"], arr["d"])
+            assert np.array_equal(v["qs"].reshape(-1, 96)[:, ELEMENT_LANES], arr["qs"])
+            yv.append(y)
+    return ybuf, by, yv, act
+
+
+def _mm(lib, ffi, n, planes, block, w, nr, ybuf, by, nc, path):
+    out = np.full((nc, nr + 3), -7.25, dtype=np.float32)  # strided columns, canaries after each
+    scratch = ffi.new("char[]", lib.atd_mul_mat_scratch_size())
+    lib.atd_mul_mat_path(n, planes, block, ffi.from_buffer(w), w.shape[1], nr, ybuf, by, nc,
+                         ffi.cast("float *", ffi.from_buffer(out)), nr + 3, scratch, path)
+    assert (out[:, nr:] == np.float32(-7.25)).all(), "wrote outside the output"
+    return out[:, :nr]
+
+
+def _mm_bound(w, tname, act):
+    """Per (row, activation row): sum_b (A_b / 254) * sum_e |x_e|, and sum |w x| for the float slack."""
+    t = gguf_types.atd_type(tname)
+    nb = w.shape[1] // t.type_size
+    blocks = w.reshape(w.shape[0], nb, t.type_size)
+    alpha = np.abs(blocks[:, :, : 2 * t.planes].copy().view("<f2").astype(np.float64)).sum(-1)  # (nr, nb)
+    absx = np.abs(act).reshape(act.shape[0], nb, t.block_size).sum(-1)  # (nc, nb)
+    return (alpha / 254.0) @ absx.T  # (nr, nc)
+
+
+def _check_batched(lib, ffi, lib2, rng, tname, w, nc, extreme=False):
+    t = gguf_types.atd_type(tname)
+    nr, n = w.shape[0], w.shape[1] // t.type_size * t.block_size
+    ybuf, by, yv, act = _mm_activations(lib, ffi, rng, t.block_size, n, nc, extreme)
+    ref = _mm(lib, ffi, n, t.planes, t.block_size, w, nr, ybuf, by, nc, PATH_SCALAR)
+    # every path and variant: the same bits
+    for p, v in _runnable(lib, lib2):
+        lib2.atd_dot_set_variant(p, v)
+        got = _mm(lib, ffi, n, t.planes, t.block_size, w, nr, ybuf, by, nc, p)
+        lib2.atd_dot_set_variant(p, 0)
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (tname, nr, nc, PATH_NAMES[p], v)
+    # within the stated bound of the Python reference (gguf_types.dequantize, float64 dot) and of vec_dot
+    wdq = gguf_types.dequantize(w, tname).astype(np.float64)  # (nr, n)
+    exact = wdq @ act.T  # (nr, nc)
+    bound = _mm_bound(w, tname, act)
+    slack = 2e-6 * (np.abs(wdq) @ np.abs(act).T) + 1e-30
+    err = np.abs(ref.T.astype(np.float64) - exact)
+    assert (err <= bound * (1 + 1e-5) + slack).all(), (tname, float((err / (bound + slack)).max()))
+    vd = np.array([[float(_dot(lib, ffi, n, w[r], yv[c], t.planes, t.block_size, PATH_SCALAR)) for c in range(nc)]
+                   for r in range(nr)])
+    assert (np.abs(ref.T - vd) <= bound * (1 + 1e-5) + 2 * slack).all(), tname
+    return float((err / (bound + slack)).max())
+
+
+@pytest.mark.parametrize("planes,block", TYPES, ids=[f"N{n}_B{b}" for n, b in TYPES])
+def test_batched_equals_across_paths_and_within_bound(atd, planes, block):
+    """Random rows (sparse and extreme too), odd activation counts, row counts around the tiles."""
+    lib, ffi, lib2, _ = atd
+    rng = np.random.default_rng(2000 + 10 * planes + block)
+    tname = f"ATD{planes}" + ("_64" if block == 64 else "")
+    for (nblocks, nr, nc), kind in zip([(3, 5, 3), (5, 33, 7), (17, 37, 2), (1, 1, 9)],
+                                       ["random", "sparse", "extreme", "random"]):
+        n = nblocks * block
+        w = np.stack([_random_row(rng, planes, block, n, kind) for _ in range(nr)])
+        _check_batched(lib, ffi, lib2, rng, tname, w, nc, extreme=kind == "extreme")
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.3.mlp.down_proj.weight", "model.layers.3.self_attn.q_proj.weight"])
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+def test_batched_real_weights(atd, smollm2_continuous_dir, tensor, planes):
+    """A real SmolLM2 weight matrix (576 x 1536: 256-blocks; 576 x 576: 64-blocks) fitted by gguf_types."""
+    from converter.checkpoint import Checkpoint
+
+    lib, ffi, lib2, _ = atd
+    w = Checkpoint(smollm2_continuous_dir).tensors[tensor].load_rows(0, 45)
+    tname = f"ATD{planes}" + ("" if w.shape[1] % 256 == 0 else "_64")
+    packed = np.asarray(gguf_types.quantize(w, tname))
+    worst = _check_batched(lib, ffi, lib2, np.random.default_rng(planes), tname, packed, 5)
+    assert worst > 0.0  # the bound is not vacuous: results do move with the int8 rounding
+
+
+@pytest.mark.parametrize("planes,block", TYPES, ids=[f"N{n}_B{b}" for n, b in TYPES])
+def test_gemv_equals_vec_dot(atd, planes, block):
+    """atd_gemv (one activation row, many weight rows; 4 rows per step for the 64 family) == vec_dot."""
+    lib, ffi, lib2, _ = atd
+    rng = np.random.default_rng(300 + planes + block)
+    for nr, nblocks in ((1, 9), (4, 3), (7, 9), (13, 17)):
+        n = nblocks * block
+        w = np.stack([_random_row(rng, planes, block, n) for _ in range(nr)])
+        y, _, _ = _activations(lib, ffi, rng, block, n)
+        for p, v in _runnable(lib, lib2):
+            lib.atd_set_path(p)
+            lib2.atd_dot_set_variant(p, v)
+            out = np.empty(nr, dtype=np.float32)
+            lib.atd_gemv(n, planes, block, ffi.from_buffer(w), w.shape[1], nr, y, ffi.cast("float *", ffi.from_buffer(out)))
+            lib2.atd_dot_set_variant(p, 0)
+            lib.atd_set_path(PATH_AUTO)
+            ref = np.array([_dot(lib, ffi, n, w[r], y, planes, block, PATH_SCALAR) for r in range(nr)], dtype=np.float32)
+            assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), (planes, block, nr, PATH_NAMES[p], v)
+
+
+def test_batched_simd_paths_are_faster_than_scalar(atd):
+    """As for vec_dot: a batched SIMD path that is really the scalar loop would pass the tests above."""
+    lib, ffi, _, _ = atd
+    simd = [p for p in (PATH_AVX2, PATH_AVX512, PATH_NEON) if lib.atd_path_available(p)]
+    if not simd:
+        pytest.skip("no SIMD path")
+    rng = np.random.default_rng(9)
+    for planes, block in ((2, 256), (3, 64)):
+        n, nr, nc = 1024, 32, 8
+        w = np.stack([_random_row(rng, planes, block, n) for _ in range(nr)])
+        ybuf, by, _, _ = _mm_activations(lib, ffi, rng, block, n, nc)
+
+        def best_time(path, reps=5):
+            best = float("inf")
+            for _ in range(7):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    _mm(lib, ffi, n, planes, block, w, nr, ybuf, by, nc, path)
+                best = min(best, time.perf_counter() - t0)
+            return best
+
+        t_scalar = best_time(PATH_SCALAR)
+        for p in simd:
+            assert best_time(p) * 2.0 < t_scalar, (PATH_NAMES[p], planes, block)
+
+
+def test_batched_calls_are_counted(atd):
+    lib, ffi, _, _ = atd
+    rng = np.random.default_rng(4)
+    w = np.stack([_random_row(rng, 2, 256, 512) for _ in range(3)])
+    ybuf, by, _, _ = _mm_activations(lib, ffi, rng, 256, 512, 2)
+    before = lib.atd_mul_mat_calls()
+    _mm(lib, ffi, 512, 2, 256, w, 3, ybuf, by, 2, PATH_AUTO)
+    assert lib.atd_mul_mat_calls() == before + 1
+
+
+def test_c_mm_driver_asan(tmp_path):
+    """ggml-ext/tests/atd_mm_test.c with ASan/UBSan: every path == scalar == the transcribed formula,
+    decoders byte-equal, results within the bound, nothing written outside the output."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc not found")
+    exe = tmp_path / "atd_mm_test"
+    sources = sorted(str(p) for p in EXT.glob("*.c")) + [str(EXT / "tests" / "atd_mm_test.c")]
+    build = subprocess.run([gcc, "-std=c11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                            "-I", str(EXT), *sources, "-o", str(exe), "-lm", "-pthread"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    env = dict(os.environ)
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
+    run = subprocess.run([str(exe), "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.endswith(" 0 failed") and int(last.split()[0]) > 300, run.stdout
+
+
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")),
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu qemu-user)")
+@pytest.mark.parametrize("march", ["armv8-a", "armv8.2-a+dotprod"])
+def test_mm_driver_neon_under_qemu(tmp_path, march):
+    """The batched kernels built for aarch64 (sdot microkernel with +dotprod, the scalar one without)."""
+    exe = tmp_path / "atd_mm_test"
+    sources = [str(p) for p in sorted(EXT.glob("*.c"))]
+    build = subprocess.run(["aarch64-linux-gnu-gcc", "-std=c11", "-O2", f"-march={march}", "-ffp-contract=off",
+                            f"-I{EXT}", *sources, str(EXT / "tests" / "atd_mm_test.c"), "-lm", "-pthread", "-o", str(exe)],
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, build.stderr
+    res = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(exe), "1"], capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "neon" in res.stdout.split("paths:")[1].splitlines()[0]
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.endswith(" 0 failed") and int(last.split()[0]) > 300, res.stdout

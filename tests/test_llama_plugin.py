@@ -44,6 +44,9 @@ MEAN_ABS_DLOGIT = 0.5
 CLEAR_MARGIN = 1.5  # top-1 must agree wherever the reference's top-1 leads top-2 by this much
 
 
+EXTRA_LIBS = {"atd_mm": ["-lggml-cpu", "-lm"]}  # tools that call ggml-cpu directly
+
+
 def _build(kind: str) -> Path:
     base = PATCHED if kind == "patched" else STOCK
     bin_dir = base / "build" / "bin"
@@ -61,7 +64,8 @@ def _compile(kind: str, tool: str, out_dir: Path) -> Path:
     assert cc, "a C compiler is needed to build the test tools"
     subprocess.run([cc, "-O1", "-o", str(exe), str(TOOLS / f"{tool}.c"),
                     f"-I{src / 'include'}", f"-I{src / 'ggml' / 'include'}",
-                    f"-L{bin_dir}", f"-Wl,-rpath,{bin_dir}", "-lllama", "-lggml", "-lggml-base"],
+                    f"-L{bin_dir}", f"-Wl,-rpath,{bin_dir}", "-lllama", "-lggml", "-lggml-base",
+                    *EXTRA_LIBS.get(tool, [])],
                    check=True, capture_output=True, text=True)
     return exe
 
@@ -523,3 +527,78 @@ def test_run_plain_completion(smollm2_atd3_gguf):
     result = run_cli("run", smollm2_atd3_gguf, "-p", "The capital of France is", "-n", "8")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip(), result.output
+
+
+# ---- g. the batched ATD kernels inside ggml (ggml-ext/atd-mm.c via the mul_mat hook) ------------------------
+
+MM_ROWS = 37  # not a multiple of the 32-, 16- and 8-row tiles
+
+
+def _mm_gguf(path: Path) -> None:
+    """Every ATD type, 37 rows of 1536 (256-blocks) or 576 (64-blocks, as SmolLM2) weights, fitted."""
+    rng = np.random.default_rng(11)
+    writer = gguf.GGUFWriter(path, "llama")
+    for t in gguf_types.ATD_TYPES:
+        cols = 1536 if t.block_size == 256 else 576
+        w = rng.standard_normal((MM_ROWS, cols)).astype(np.float32) * 0.02
+        writer.add_tensor(f"{t.name.lower()}.weight", gguf_types.quantize(w, t), raw_dtype=gguf_types.gguf_qtype(t))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _run_mm(tools, model: Path, name: str, ncols: int, prefix: Path, batched: bool = True):
+    import os
+
+    env = dict(os.environ)
+    if batched:
+        env.pop("ATD_BATCHED_MM", None)
+    else:
+        env["ATD_BATCHED_MM"] = "0"
+    proc = subprocess.run([str(tools("patched", "atd_mm")), str(model), name, str(ncols), THREADS, str(prefix)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = int(proc.stdout.split()[1])
+    x = np.fromfile(f"{prefix}.x.f32", dtype=np.float32).reshape(ncols, -1)
+    y = np.fromfile(f"{prefix}.y.f32", dtype=np.float32).reshape(ncols, -1)
+    return calls, x, y
+
+
+def test_batched_matmul_in_ggml(tools, tmp_path):
+    """A ggml mul_mat of each ATD type by 7 activation rows takes the batched kernels (counted), and stays
+    within their stated bound of the one-row vec_dot path (ATD_BATCHED_MM=0): per weight row and activation
+    row, sum_b (A_b / 254) sum_e |x_e| with A_b = sum_i |alpha_i| (docs/llama-plugin.md). One activation
+    row never takes them; for the 64 family it goes to atd_gemv, bit-equal to vec_dot."""
+    model = tmp_path / "mm.gguf"
+    _mm_gguf(model)
+    tensors = _tensors(model)
+    for t in gguf_types.ATD_TYPES:
+        name = f"{t.name.lower()}.weight"
+        calls, x, y = _run_mm(tools, model, name, 7, tmp_path / "b")
+        calls0, x0, y0 = _run_mm(tools, model, name, 7, tmp_path / "v", batched=False)
+        assert calls >= 1 and calls0 == 0, (name, calls, calls0)
+        assert np.array_equal(x, x0)
+
+        data = np.asarray(tensors[name].data).reshape(MM_ROWS, -1)
+        nb = data.shape[1] // t.type_size
+        alpha = np.abs(data.reshape(MM_ROWS, nb, t.type_size)[:, :, : 2 * t.planes].copy().view("<f2")
+                       .astype(np.float64)).sum(-1)                                     # (rows, nb)
+        xb = np.abs(x.astype(np.float64)).reshape(7, nb, t.block_size)
+        # the int8 activations differ from x by at most half a step: max|x| / 254 per group
+        absq = xb.sum(-1) + t.block_size * xb.max(-1) / 254.0                           # (7, nb)
+        bound = (alpha / 254.0) @ absq.T                                                # (rows, 7)
+        wdq = gguf_types.dequantize(data, t).astype(np.float64)
+        mag = np.abs(wdq) @ np.abs(x.astype(np.float64)).T
+        err = np.abs(y.T.astype(np.float64) - y0.T)
+        assert (err <= bound * 1.001 + 1e-6 * mag).all(), (name, float((err / bound).max()))
+        assert err.max() > 0, name  # the batched result is its own computation, not vec_dot's
+        # both paths near the float product (activation quantization: about 1 % of sum |w x|)
+        ref = wdq @ x.astype(np.float64).T
+        assert (np.abs(y0.T - ref) <= 0.02 * mag + 1e-6).all(), name
+        assert (np.abs(y.T - ref) <= 0.02 * mag + bound * 1.001 + 1e-6).all(), name
+
+        calls1, _, y1 = _run_mm(tools, model, name, 1, tmp_path / "g")
+        calls1b, _, y1b = _run_mm(tools, model, name, 1, tmp_path / "h", batched=False)
+        assert calls1 == 0 and calls1b == 0, name
+        np.testing.assert_array_equal(y1.view(np.uint32), y1b.view(np.uint32), err_msg=name)

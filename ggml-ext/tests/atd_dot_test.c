@@ -2,7 +2,8 @@
 // independent of atd-quants.c) against q8 activations.
 //   - every available kernel path == scalar path, bit for bit;
 //   - scalar path == double-precision dot of the decoded weights and activations, within tolerance;
-//   - the ggml-style wrappers == atd_vec_dot.
+//   - the ggml-style wrappers == atd_vec_dot;
+//   - atd_gemv (several rows, one activation row) == atd_vec_dot row by row, on every path and variant.
 // Prints "N passed, M failed"; exit status 1 if anything failed.
 //
 //   gcc -std=c11 -O1 -g -fsanitize=address,undefined -Iggml-ext ggml-ext/*.c ggml-ext/tests/atd_dot_test.c -lm
@@ -246,6 +247,38 @@ static void test_row(int N, int B, int n, int kind) {
     free_row(&r);
 }
 
+// atd_gemv over nr rows == atd_vec_dot of each row, every path and variant (the gemv follows the
+// selected path)
+static void test_gemv(int N, int B, int n, int nr) {
+    row_t          rows[16];
+    const size_t   bx = (size_t)ATD_TYPE_SIZE(N, B) * (n / B);
+    uint8_t *      x  = malloc(bx * nr);
+    for (int r = 0; r < nr; ++r) {
+        rows[r] = make_row(N, B, n, r % 4 == 3 ? 2 : 0);
+        memcpy(x + r * bx, rows[r].x, bx);
+    }
+    const void * y = rows[0].y;  // one activation row for all
+    for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p) {
+        if (!atd_path_available(p)) continue;
+        atd_set_path(p);
+        for (int v = 1; v <= MAX_VARIANTS; ++v) {
+            if (!atd_dot_set_variant(p, v)) continue;
+            float out[16], ref;
+            atd_gemv(n, N, B, x, bx, nr, y, out);
+            int same = 1;
+            for (int r = 0; r < nr; ++r) {
+                atd_vec_dot_path(n, &ref, x + r * bx, y, N, B, ATD_PATH_SCALAR);
+                same &= memcmp(&ref, &out[r], sizeof ref) == 0;
+            }
+            CHECK(same, "gemv N=%d B=%d n=%d nr=%d path %s.%d != vec_dot row by row", N, B, n, nr, path_name(p), v);
+        }
+        atd_dot_set_variant(p, 0);
+    }
+    atd_set_path(ATD_PATH_AUTO);
+    for (int r = 0; r < nr; ++r) free_row(&rows[r]);
+    free(x);
+}
+
 static void test_quantizers(void) {
     // q8_K: bsums are the sums of 16 and d*q reproduces x within d/2
     enum { K = 512 };
@@ -331,6 +364,13 @@ int main(int argc, char ** argv) {
             test_row(N, QK_ATD, 4096, 0);
             test_row(N, QK_ATD_64, 576, 0);
             test_row(N, QK_ATD_64, 64 * 67, 0);
+            // row counts around the 4-row steps, short and long rows
+            static const int gemv_rows[] = { 1, 3, 4, 7, 9, 16 };
+            for (size_t t = 0; t < sizeof gemv_rows / sizeof gemv_rows[0]; ++t) {
+                test_gemv(N, QK_ATD_64, 64 * (int)(1 + 4 * t), gemv_rows[t]);
+                test_gemv(N, QK_ATD, 256 * (int)(1 + t), gemv_rows[t]);
+            }
+            test_gemv(N, QK_ATD_64, 576, 13);
         }
     }
     printf("%d passed, %d failed\n", n_pass, n_fail);
