@@ -128,6 +128,9 @@ def _pad(n: int, alignment: int) -> int:
 # stock types gguf-py 0.19.0 can quantize (gguf.quants) and llama.cpp reads for get_rows and matmul
 EMBED_STOCK_TYPES: tuple[QT, ...] = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.BF16, QT.F16)
 PLANES = (1, 2, 3, 4)
+OUTPUT_MATRIX = "output.weight"
+#: stock types the pinned ggml-cpu copies into an interleaved buffer when a matmul uses them (repack.cpp)
+REPACKED_AT_LOAD: tuple[QT, ...] = (QT.Q4_0,)
 
 
 def _atd_types(cols: int) -> list[QT]:
@@ -153,7 +156,9 @@ def candidate_types(name: str, shape: Sequence[int]) -> tuple[QT, ...]:
     if LINEAR_WEIGHT.match(name):
         return tuple(_atd_types(shape[-1])) or (_stock_fallback(shape),)
     if name in EMBEDDINGS:
-        stock = [t for t in EMBED_STOCK_TYPES if fits_blocks(t, shape)]
+        stock = [t for t in EMBED_STOCK_TYPES if fits_blocks(t, shape)
+                 # ggml-cpu repacks a Q4_0 output matrix on x86/ARM at load: a second copy in RAM
+                 and not (name == OUTPUT_MATRIX and t in REPACKED_AT_LOAD)]
         return tuple(stock + _atd_types(shape[-1])) or (QT.F16,)
     return (_stock_fallback(shape),)
 
@@ -161,7 +166,7 @@ def candidate_types(name: str, shape: Sequence[int]) -> tuple[QT, ...]:
 # ----------------------------------------------------------------------------- error estimates
 
 #: rows sampled per tensor: at least SAMPLE_MIN_ROWS and at least SAMPLE_WEIGHTS weights (all rows if fewer)
-SAMPLE_MIN_ROWS = 256
+SAMPLE_MIN_ROWS = 64
 SAMPLE_WEIGHTS = 1 << 18
 
 

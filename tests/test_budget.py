@@ -79,14 +79,22 @@ def test_candidate_types_and_exact_sizes():
 
 
 def test_sample_size():
-    assert budget.sample_size(14336, 4096) == 256                 # at least 256 rows
+    assert budget.sample_size(14336, 4096) == 2**18 // 4096       # 64 rows of 4096 = 2^18 weights
+    assert budget.sample_size(4096, 14336) == 64                  # at least 64 rows
     assert budget.sample_size(49152, 576) == -(-2**18 // 576)     # 456 rows of 576 = 2^18 weights
     assert budget.sample_size(100, 576) == 100                    # never more than the rows
 
 
+def test_output_matrix_never_q4_0():
+    """ggml-cpu repacks a Q4_0 output matrix at load (a second copy in RAM); token_embd only feeds get_rows."""
+    assert QT.Q4_0 not in budget.candidate_types("output.weight", (49152, 576))
+    assert QT.Q4_0 in budget.candidate_types("token_embd.weight", (49152, 576))
+    assert QT.Q8_0 in budget.candidate_types("output.weight", (49152, 576))
+
+
 def test_sample_rows():
     idx = budget.sample_rows(14336, 4096)
-    assert len(idx) == 256 and np.all(np.diff(idx) > 0) and idx[0] >= 0 and idx[-1] < 14336
+    assert len(idx) == 64 and np.all(np.diff(idx) > 0) and idx[0] >= 0 and idx[-1] < 14336
     assert np.array_equal(idx, budget.sample_rows(14336, 4096))
     assert np.array_equal(budget.sample_rows(100, 576), np.arange(100))  # small: every row
     # stratum centres: 10 rows, 2 strata of 5 -> rows 2 and 7
