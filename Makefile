@@ -6,8 +6,11 @@ BUILD   := build
 FIXTURES := $(BUILD)/fixtures
 DEMO_MODEL := $(FIXTURES)/smollm2-135m-instruct
 STAMP   := $(VENV)/.installed
+PYTHON_API_STAMP := $(VENV)/.python-api
+# the pinned llama.cpp's sdist (scripts/llama_cpp_source.py downloads it)
+LLAMA_CPP_PYTHON_SDIST := $(BUILD)/downloads/llama_cpp_python-0.3.36.tar.gz
 
-.PHONY: install fixtures llama-src llama demo test bench-fit bench-convert clean
+.PHONY: install python-api fixtures llama-src llama demo test bench-fit bench-convert clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard ggml-ext/*.c ggml-ext/*.h ggml-ext/build_ffi.py)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +21,16 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard ggml-ext/*.c ggml-e
 	touch $@
 
 install: $(STAMP)
+
+# llama-cpp-python's bindings without its llama.cpp build (LLAMA_BUILD=OFF): llama_cpp.Llama runs on the
+# patched libllama of `make llama` (converter/python_api.py). --no-cache-dir: a cached wheel may bundle a stock build.
+$(PYTHON_API_STAMP): $(STAMP) constraints.txt
+	$(PY) scripts/llama_cpp_source.py >/dev/null
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q --no-cache-dir -c constraints.txt \
+		$(LLAMA_CPP_PYTHON_SDIST)
+	touch $@
+
+python-api: $(PYTHON_API_STAMP)
 
 fixtures: llama-src
 	$(PY) scripts/make_fixtures.py --out $(FIXTURES)
@@ -34,7 +47,7 @@ demo: fixtures llama
 	$(VENV)/bin/atd-gguf inspect $(BUILD)/demo-atd3.gguf --summary
 	$(VENV)/bin/atd-gguf run $(BUILD)/demo-atd3.gguf --chat -n 32 -p "What is the capital of Germany?"
 
-test: fixtures llama
+test: fixtures llama python-api
 	$(PY) -m pytest -q
 
 bench-fit: install
