@@ -7,13 +7,14 @@ bf16 is widened to float32 bit-exactly without torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
-from gguf.utility import LocalTensor, SafetensorsLocal
+from gguf.utility import LocalTensor, LocalTensorRange
 
 from .errors import AtdError
 
@@ -62,7 +63,7 @@ class TensorRef:
         the mapping is dropped on return, so reading a large tensor in row chunks keeps memory at a chunk."""
         row_shape = self.shape[1:]
         dtype = np.dtype(_DTYPES[self.dtype])
-        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+        row_bytes = math.prod(row_shape) * dtype.itemsize
         rng = self.local.data_range
         raw = np.memmap(rng.filename, mode="r", dtype=dtype, offset=rng.offset + start * row_bytes,
                         shape=((stop - start) * row_bytes // dtype.itemsize,))
@@ -84,14 +85,17 @@ class Checkpoint:
         self.config = self._read_config()
         self.tensors = self._index_tensors()
 
+    def input_files(self) -> list[Path]:
+        """Every regular file directly in the checkpoint directory plus the shards: what convert reads
+        (config, tokenizer files, shards), so none of them may be the output."""
+        files = [p for p in self.dir.iterdir() if p.is_file()]
+        return files + [self.dir / part for part in self._parts]
+
     def _read_config(self) -> dict:
         path = self.dir / "config.json"
         if not path.is_file():
             raise AtdError(f"{self.dir}: no config.json (not a Hugging Face checkpoint directory)")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AtdError(f"{path}: not valid JSON ({e})") from None
+        config = _read_json(path, "config")
         if not isinstance(config, dict):
             raise AtdError(f"{path}: expected a JSON object")
         return config
@@ -99,10 +103,13 @@ class Checkpoint:
     def _part_names(self) -> list[str]:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise AtdError(f"{index}: unreadable weight map ({e})") from None
+            document = _read_json(index, "index")
+            weight_map = document.get("weight_map") if isinstance(document, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise AtdError(f"{index}: unreadable weight map (expected \"weight_map\": {{tensor name: shard file}})")
+            for part in set(weight_map.values()):
+                self._check_part_name(index, part)
             self._weight_map = weight_map
             return sorted(set(weight_map.values()))
         self._weight_map = {}
@@ -113,31 +120,147 @@ class Checkpoint:
             raise AtdError(f"{self.dir}: no model*.safetensors files")
         return parts
 
+    def _check_part_name(self, index: Path, part: str) -> None:
+        """A shard named by the index is a plain relative path inside the checkpoint directory. Only its
+        last component may be a symlink leading elsewhere (the Hugging Face cache links every file of a
+        snapshot into blobs/); the name itself must not climb out, and no directory on the way may."""
+        pure = PurePosixPath(part)
+        if (not part or "\\" in part or "\0" in part or pure.is_absolute()
+                or any(p in ("..", ".") for p in pure.parts) or not part.endswith(".safetensors")):
+            raise AtdError(f"{index}: shard name {part!r} is not a .safetensors file name inside the checkpoint "
+                           "directory (absolute paths and '..' are refused)")
+        if len(pure.parts) > 1:
+            root = self.dir.resolve()
+            parent = (self.dir / pure.parent).resolve()
+            if parent != root and root not in parent.parents:
+                raise AtdError(f"{index}: shard {part!r} lies outside the checkpoint directory")
+
     def _index_tensors(self) -> dict[str, TensorRef]:
         tensors: dict[str, TensorRef] = {}
-        for part in self._part_names():
+        shard_of: dict[str, str] = {}
+        self._parts = self._part_names()
+        for part in self._parts:
             path = self.dir / part
             if not path.is_file():
-                raise AtdError(f"{path}: missing shard named in model.safetensors.index.json")
-            size = os.stat(path).st_size
-            try:
-                with SafetensorsLocal(path) as entries:
-                    items = list(entries.items())
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise AtdError(f"{path}: corrupt safetensors header ({e})") from None
-            for name, local in items:
+                if self._weight_map:
+                    raise AtdError(f"{path}: missing shard named in model.safetensors.index.json")
+                raise AtdError(f"{path}: not a regular file")
+            for name, local in read_safetensors_header(path):
+                if name in tensors:
+                    raise AtdError(f"tensor {name} appears in two shards ({shard_of[name]} and {part})")
                 if local.dtype not in _DTYPES:
                     raise AtdError(f"{path}: tensor {name} has dtype {local.dtype}; supported are F32, F16, BF16")
-                itemsize = np.dtype(_DTYPES[local.dtype]).itemsize
-                if local.data_range.size != int(np.prod(local.shape)) * itemsize:
-                    raise AtdError(f"{path}: tensor {name} byte range does not match its shape {list(local.shape)}")
-                end = local.data_range.offset + local.data_range.size
-                if end > size:
-                    raise AtdError(f"{path}: truncated (tensor {name} ends at byte {end}, file has {size})")
                 tensors[name] = TensorRef(name, local.dtype, tuple(local.shape), local)
+                shard_of[name] = part
         if self._weight_map:
             missing = sorted(set(self._weight_map) - set(tensors))
             extra = sorted(set(tensors) - set(self._weight_map))
             if missing or extra:
                 raise AtdError(f"{self.dir}: index and shards disagree (missing {missing[:3]}, extra {extra[:3]})")
+            wrong = sorted(n for n in tensors if shard_of[n] != self._weight_map[n])
+            if wrong:
+                raise AtdError(f"{self.dir}: tensor {wrong[0]} is in {shard_of[wrong[0]]}, but the index names "
+                               f"{self._weight_map[wrong[0]]}")
         return tensors
+
+
+# bytes per element of every safetensors dtype, to check byte ranges of tensors we do not read too
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2,
+                         "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+# the safetensors format's own limit on the JSON header
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def _read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AtdError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise AtdError(f"{path}: not a usable {what} file (JSON nested too deeply)") from None
+    except _DuplicateKey as e:
+        raise AtdError(f"{path}: key {e.args[0]!r} appears twice in one JSON object") from None
+    except OSError as e:
+        raise AtdError(f"{path}: cannot read ({e.strerror})") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_safetensors_header(path: Path) -> list[tuple[str, LocalTensor]]:
+    """The tensors of a safetensors file, sorted by name, after the checks the format prescribes:
+    a JSON object of unique keys; each tensor's byte range matches dtype and shape (Python ints,
+    so no overflow); the ranges, in order, tile the data section from byte 0 to its end. Error
+    messages never quote the file's bytes."""
+    def corrupt(why: str) -> AtdError:
+        return AtdError(f"{path}: corrupt safetensors header ({why})")
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise corrupt("file shorter than the 8-byte header length")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise corrupt("declared header length exceeds the file")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise AtdError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise corrupt("not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise corrupt("JSON nested too deeply") from None
+    except _DuplicateKey as e:
+        raise corrupt(f"tensor {e.args[0]!r} appears twice") from None
+    if not isinstance(header, dict):
+        raise corrupt(f"expected a JSON object, found a JSON {type(header).__name__}")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    entries = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict) or set(meta) != {"dtype", "shape", "data_offsets"}:
+            raise corrupt(f"tensor {name!r} needs exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if dtype not in _SAFETENSORS_ITEMSIZE:
+            raise corrupt(f"tensor {name!r} has an unknown dtype")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise corrupt(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise corrupt(f"tensor {name!r}: data_offsets must be two non-negative integers [begin, end]")
+        if offsets[1] - offsets[0] != math.prod(shape) * _SAFETENSORS_ITEMSIZE[dtype]:
+            raise AtdError(f"{path}: tensor {name} byte range does not match its shape {shape}")
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+    entries.sort()
+    position = 0
+    for begin, end, name, _, _ in entries:
+        if begin != position:
+            raise corrupt(f"tensor {name!r} overlaps another tensor" if begin < position
+                          else f"gap before tensor {name!r}")
+        position = end
+    if position > data_size:
+        raise AtdError(f"{path}: truncated (tensor data ends at byte {data_start + position:,}, "
+                       f"file has {size:,})")
+    if position < data_size:
+        raise corrupt("bytes after the last tensor")
+    return sorted(((name, LocalTensor(dtype, shape, LocalTensorRange(path, data_start + begin, end - begin)))
+                   for begin, end, name, dtype, shape in entries), key=lambda item: item[0])

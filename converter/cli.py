@@ -20,9 +20,10 @@ class _Group(click.Group):
     """Shows failures as one line (a traceback only with --verbose) and exits non-zero."""
 
     def invoke(self, ctx: click.Context):
-        # SIGTERM unwinds like Ctrl-C, so temp outputs are deleted (fsutil.atomic_output)
-        handles_sigterm = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
+        # SIGTERM, SIGHUP (a closed terminal), SIGQUIT and SIGUSR1 unwind like Ctrl-C, so temp
+        # outputs are deleted (fsutil.atomic_output)
+        handles_signals = threading.current_thread() is threading.main_thread()
+        previous = {sig: signal.signal(sig, _terminate) for sig in _TERMINATING_SIGNALS} if handles_signals else {}
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -34,14 +35,26 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             message = str(e) if isinstance(e, AtdError) else f"{type(e).__name__}: {e}"
-            click.echo(f"error: {message.splitlines()[0] if message else type(e).__name__}", err=True)
+            line = message.splitlines()[0] if message.strip() else type(e).__name__
+            while line.lower().startswith("error:"):  # a library's own prefix would double ours
+                line = line[len("error:"):].lstrip() or type(e).__name__
+            # paths and names in messages may hold escape sequences: never send them to the terminal raw
+            line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
+            click.echo(f"error: {line}", err=True)
             sys.exit(1)
         finally:
-            if handles_sigterm:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+_TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1")
+                             if hasattr(signal, name))
 
 
 def _terminate(signum, frame) -> None:
+    # later signals of the set must not interrupt the cleanup that this exception starts
+    for sig in _TERMINATING_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     click.echo("error: terminated", err=True)
     raise SystemExit(128 + signum)
 
@@ -122,6 +135,7 @@ def convert(model: str, output: Path, outtype: str | None, planes: int | None, t
                              target_size=parse_size(target_size) if target_size is not None else None,
                              bpw=bpw, calibration=calibration, calibration_chunks=calibration_chunks,
                              calibration_ctx=calibration_ctx).convert_options(force=force, progress=not no_progress)
+        options.input_files = tuple(p for p in (imatrix, calibration) if p is not None)
     start = time.perf_counter()
     result = run_convert(model, output, options)
     click.echo(f"wrote {result.path}: {result.n_tensors} tensors, {result.n_params:,} weights, "
@@ -131,7 +145,8 @@ def convert(model: str, output: Path, outtype: str | None, planes: int | None, t
 
 @main.command()
 @click.argument("gguf_file", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON instead of a table (non-finite numbers, NaN and ±Infinity, as null).")
 @click.option("--summary", is_flag=True, help="Only the per-type totals.")
 def inspect(gguf_file: Path, as_json: bool, summary: bool) -> None:
     """Show each tensor's type, shape, bytes and bits per weight, plus totals.
@@ -184,8 +199,10 @@ def modelfile(gguf_file: Path, output: Path | None, system: str | None, params: 
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     template = result.template.name if result.template else "none (the GGUF's own)"
-    click.echo(f"wrote {result.path} (template: {template}); create the model with: "
-               f"ollama create NAME -f {result.path}")
+    from .inspect_gguf import printable
+
+    click.echo(f"wrote {printable(result.path)} (template: {template}); create the model with: "
+               f"ollama create NAME -f {printable(result.path)}")
 
 
 @main.command()
@@ -285,6 +302,38 @@ def run(model: Path, prompt: str, n_predict: int, chat: bool, system: str | None
         raise AtdError("--system needs --chat")
     click.echo(run_model(model, prompt, n_predict, chat, temp=temp, seed=seed, threads=threads,
                          ctx_size=ctx_size, system=system))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Requests served at the same time.")
+@click.option("-c", "--ctx-size", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Context length of each request.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice).")
+@click.option("--log", "echo_log", is_flag=True, help="Show llama-server's log on stderr.")
+def serve(model: Path, host: str, port: int, parallel: int, ctx_size: int, threads: int | None,
+          echo_log: bool) -> None:
+    """Serve MODEL (an ATD or stock GGUF) over an OpenAI-compatible HTTP API with the patched
+    llama-server (`make llama`), using the chat template stored in the file. Ctrl-C or SIGTERM stops it.
+
+    \b
+    Examples:
+      atd-gguf serve smollm2-atd3.gguf --port 8080
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    from .serve import ServeOptions, serve_until_stopped
+
+    def announce(server) -> None:
+        click.echo(f"serving {model} at {server.url} (OpenAI API: {server.api_url}); Ctrl-C stops")
+
+    serve_until_stopped(model, ServeOptions(host=host, port=port, parallel=parallel, ctx_size=ctx_size,
+                                            threads=threads, echo_log=echo_log), on_ready=announce)
+    click.echo("stopped", err=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import os
-
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -22,7 +20,7 @@ import gguf_types
 from . import __version__
 from .convert import tensor_nbytes
 from .errors import AtdError
-from .fsutil import atomic_output, check_output_path
+from .fsutil import atomic_output, check_output_path, refuse_inputs_as_output
 from .inspect_gguf import read_gguf
 
 EXPORT_TYPES: dict[str, tuple[QT, LlamaFileType]] = {
@@ -83,6 +81,8 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type: 
         # GGUF.* are the reader's virtual fields; the writer adds general.architecture itself
         if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
             continue
+        if field.name == gguf.Keys.General.ALIGNMENT and _usable_alignment(reader) is None:
+            continue  # the copy uses the default alignment instead
         vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY and len(field.data) == 0:
             dropped.append(field.name)
@@ -94,6 +94,16 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, file_type: 
         writer.add_file_type(file_type)
     writer.add_string(EXPORTED_AS_KEY, f"{export_type} (atd-gguf {__version__} export --stock)")
     return tuple(dropped)
+
+
+def _usable_alignment(reader: gguf.GGUFReader) -> int | None:
+    """The source's general.alignment when it is one the runtime handles (a power of two, at least
+    the default 32 that ggml's SIMD loads assume); None: write the default layout without the key."""
+    field = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if field is None or len(field.types) != 1 or field.types[0] != gguf.GGUFValueType.UINT32:
+        return None
+    value = int(field.contents())
+    return value if value >= gguf.GGUF_DEFAULT_ALIGNMENT and value & (value - 1) == 0 else None
 
 
 def _encode(tensor: gguf.ReaderTensor, qtype: QT) -> np.ndarray:
@@ -110,8 +120,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
         raise AtdError(f"--type must be one of {', '.join(EXPORT_TYPES)}, got {export_type!r}")
     source, output = Path(source), Path(output)
     check_output_path(output, force)
-    if output.exists() and source.exists() and os.path.samefile(output, source):
-        raise AtdError(f"{output} is the input file; choose another output")
+    refuse_inputs_as_output(output, [source])
     reader = read_gguf(source)
     if reader.endianess != gguf.GGUFEndian.LITTLE:
         raise AtdError(f"{source} is a big-endian GGUF; ATD files are little-endian")
@@ -121,12 +130,12 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     if arch_field is None:
         raise AtdError(f"{source}: no general.architecture in the metadata")
-    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    alignment = _usable_alignment(reader)
     qtype, file_type = EXPORT_TYPES[export_type]
 
     writer = gguf.GGUFWriter(path=None, arch=str(arch_field.contents()))
     if alignment is not None:
-        writer.data_alignment = int(alignment.contents())
+        writer.data_alignment = alignment
     plan: list[tuple[gguf.ReaderTensor, QT]] = []
     for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape))
@@ -142,7 +151,7 @@ def export_stock(source: str | Path, output: str | Path, export_type: str = "q8_
     dropped = _copy_metadata(reader, writer, int(file_type), export_type)
 
     n_params = n_bytes = 0
-    with atomic_output(output, force) as tmp:
+    with atomic_output(output, force, [source]) as tmp:
         try:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()

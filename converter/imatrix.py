@@ -17,13 +17,18 @@ from .errors import AtdError
 
 
 def _unusable(path: Path, why: str) -> AtdError:
-    return AtdError(f"{path}: unusable imatrix ({why})")
+    from .inspect_gguf import printable
+
+    return AtdError(printable(f"{path}: unusable imatrix ({why})"))  # names come from the file
 
 
 def _read_gguf(path: Path) -> dict[str, np.ndarray]:
+    from .inspect_gguf import scan_gguf
+
     try:
+        scan_gguf(path)  # bounds every declared length first: gguf-py's reader trusts them
         reader = gguf.GGUFReader(path)
-    except (ValueError, KeyError, IndexError, OSError) as e:
+    except (ValueError, KeyError, IndexError, OSError) as e:  # MalformedGguf is a ValueError
         raise _unusable(path, f"unreadable GGUF: {e}") from None
     tensors = {t.name: t for t in reader.tensors}
     result = {}

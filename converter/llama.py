@@ -20,10 +20,37 @@ EMBEDDINGS = ("token_embd.weight", "output.weight")
 ARCH = gguf.MODEL_ARCH.LLAMA
 _SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
 _ROPE_TYPES_WITHOUT_KEYS = (None, "default", "llama3")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d{1,9})\.")
 
 
 def _find(config: dict, *keys: str) -> Any:
     return next((config[k] for k in keys if k in config), None)
+
+
+# far above any real model, far below what would exhaust memory while building per-layer tables
+_MAX_DIMENSION = 1 << 24
+
+
+def _positive_int(config: dict, key: str, default: int | None = None, limit: int = _MAX_DIMENSION) -> int:
+    """config[key] as an int in 1..limit (an integral float like 2048.0 counts); null or absent
+    takes `default`."""
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise AtdError(f"config.json: missing Llama hyperparameter {key}")
+        value = default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise AtdError(f"config.json: {key} must be an integer from 1 to {limit}, got {value!r}")
+    return value
+
+
+def _positive_float(config: dict, key: str, where: str = "config.json") -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise AtdError(f"{where}: {key} must be a finite number > 0, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -42,29 +69,43 @@ class LlamaParams:
     @classmethod
     def from_config(cls, config: dict) -> "LlamaParams":
         archs = config.get("architectures") or []
+        if not isinstance(archs, list):
+            archs = [archs]
         if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise AtdError(f"unsupported architecture {archs or config.get('model_type')!r}: "
                            f"atd-gguf converts {', '.join(SUPPORTED_ARCHITECTURES)}")
-        try:
-            n_head = int(config["num_attention_heads"])
-            n_embd = int(config["hidden_size"])
-            params = cls(
-                n_layer=int(config["num_hidden_layers"]),
-                n_embd=n_embd,
-                n_ff=int(config["intermediate_size"]),
-                n_head=n_head,
-                n_head_kv=int(config.get("num_key_value_heads") or n_head),
-                head_dim=int(config.get("head_dim") or n_embd // n_head),
-                n_vocab=int(config["vocab_size"]),
-                n_ctx=_find(config, "max_position_embeddings", "n_ctx", "n_positions"),
-                rms_eps=_find(config, "rms_norm_eps", "norm_eps"),
-                rope=_rope_parameters(config),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise AtdError(f"config.json: missing or invalid Llama hyperparameter {e}") from None
+        n_head = _positive_int(config, "num_attention_heads")
+        n_embd = _positive_int(config, "hidden_size")
+        n_head_kv = _positive_int(config, "num_key_value_heads", default=n_head)
+        if n_head % n_head_kv:
+            raise AtdError(f"config.json: num_attention_heads ({n_head}) is not a multiple of "
+                           f"num_key_value_heads ({n_head_kv})")
+        head_dim = _positive_int(config, "head_dim", default=n_embd // n_head)
+        if head_dim % 2:  # rope rotates pairs of dimensions
+            raise AtdError(f"config.json: head_dim must be even, got {head_dim}")
+        n_ctx_key = next((k for k in ("max_position_embeddings", "n_ctx", "n_positions")
+                          if config.get(k) is not None), None)
+        eps_key = next((k for k in ("rms_norm_eps", "norm_eps") if config.get(k) is not None), None)
+        params = cls(
+            n_layer=_positive_int(config, "num_hidden_layers"),
+            n_embd=n_embd,
+            n_ff=_positive_int(config, "intermediate_size"),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            n_vocab=_positive_int(config, "vocab_size"),
+            n_ctx=_positive_int(config, n_ctx_key, limit=2**32 - 1) if n_ctx_key else None,
+            rms_eps=_positive_float(config, eps_key) if eps_key else None,
+            rope=_rope_parameters(config),
+        )
         rope_type = params.rope.get("rope_type")
         if rope_type not in _ROPE_TYPES_WITHOUT_KEYS and rope_type != "linear":
             raise AtdError(f"config.json: rope scaling type {rope_type!r} is not supported")
+        for key in ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if params.rope.get(key) is not None:
+                _positive_float(params.rope, key, where="config.json rope parameters")
+        if rope_type == "llama3" and params.rope.get("low_freq_factor", 1.0) >= params.rope.get("high_freq_factor", 4.0):
+            raise AtdError("config.json: rope parameters need low_freq_factor < high_freq_factor")
         return params
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -90,9 +131,12 @@ class LlamaParams:
 
 
 def _rope_parameters(config: dict) -> dict:
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    if "full_attention" in rope:
-        rope = dict(rope["full_attention"])
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(rope, dict) and "full_attention" in rope:
+        rope = rope["full_attention"]
+    if not isinstance(rope, dict):
+        raise AtdError("config.json: rope_parameters/rope_scaling must be a JSON object")
+    rope = dict(rope)
     if "rope_theta" not in rope and (theta := _find(config, "rope_theta", "rotary_emb_base")) is not None:
         rope["rope_theta"] = theta
     if "rope_type" not in rope and "type" in rope:
@@ -166,8 +210,17 @@ class LlamaModel:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
         self.params = LlamaParams.from_config(checkpoint.config)
+        self._check_layer_count()
         self.name_map = gguf.get_tensor_name_map(ARCH, self.params.n_layer)
         self._check_shapes()
+
+    def _check_layer_count(self) -> None:
+        """num_hidden_layers must match the layers the weights hold, before any per-layer table is built."""
+        layers = {int(m.group(1)) for n in self.checkpoint.tensors if (m := _LAYER_INDEX.match(n))}
+        if len(layers) != self.params.n_layer or (layers and max(layers) != len(layers) - 1):
+            raise AtdError(f"config.json: num_hidden_layers is {self.params.n_layer} but the weights hold "
+                           f"{len(layers)} layer(s) numbered up to {max(layers, default=-1)} "
+                           "(config and weights disagree)")
 
     def _check_shapes(self) -> None:
         expected = self.params.expected_shapes()

@@ -194,15 +194,16 @@ class GgufHeader:
 
 
 def read_gguf_header(path: str | Path) -> GgufHeader:
-    """Scalar string metadata and tensor type ids of a GGUF, read with gguf-py."""
-    import gguf
+    """Scalar string metadata and tensor type ids of a GGUF (a bounded scan; arrays are not loaded)."""
+    from .inspect_gguf import read_layout
 
-    from .inspect_gguf import read_gguf, string_value
+    return header_of(read_layout(path))
 
-    reader = read_gguf(Path(path))
-    strings = {key: string_value(field) for key, field in reader.fields.items()
-               if len(field.types) == 1 and field.types[0] == gguf.GGUFValueType.STRING}
-    return GgufHeader(strings, {t.name: int(t.tensor_type) for t in reader.tensors})
+
+def header_of(layout) -> GgufHeader:
+    """The GgufHeader of an inspect_gguf.GgufLayout."""
+    return GgufHeader({key: value for key, value in layout.metadata.items() if isinstance(value, str)},
+                      {t.name: t.type_id for t in layout.tensors})
 
 
 def atd_types_of(header: GgufHeader) -> dict[str, int]:
@@ -232,8 +233,9 @@ class OllamaConfig:
     atd_types: dict[str, int]
 
 
-def ollama_config(gguf_path: str | Path) -> OllamaConfig:
-    header = read_gguf_header(gguf_path)
+def ollama_config(gguf_path: str | Path, header: GgufHeader | None = None) -> OllamaConfig:
+    """What Ollama needs from the GGUF (header: already read, to save a second read)."""
+    header = header or read_gguf_header(gguf_path)
     jinja = header.strings.get("tokenizer.chat_template")
     template = detect_template(jinja)
     license = (header.strings.get("general.license") or "").strip() or None
@@ -262,25 +264,29 @@ ATD_WARNING = (
 def build_modelfile(gguf_path: str | Path, output: str | Path | None = None,
                     options: ModelfileOptions | None = None) -> ModelfileResult:
     """The Modelfile text for a GGUF (nothing is written). Raises AtdError on bad input."""
+    from .inspect_gguf import printable
+
     options = options or ModelfileOptions()
     gguf_path = Path(gguf_path)
     output = Path(output) if output is not None else default_modelfile_path(gguf_path)
     config = ollama_config(gguf_path)
     atd = config.atd_types
     warnings: list[str] = []
+    # file names go into comment lines and messages escaped: a line break in one would start a command
+    name = printable(gguf_path.name)
 
-    lines = [f"# Ollama Modelfile for {gguf_path.name}, written by atd-gguf",
-             f"# ollama create NAME -f {output.name}"]
+    lines = [f"# Ollama Modelfile for {name}, written by atd-gguf",
+             f"# ollama create NAME -f {printable(output.name)}"]
     lines.append(f"FROM {quote_value(from_path(gguf_path, output))}")
 
     template = config.template
     if template is not None:
         lines.append(f"TEMPLATE {quote_value(template.template)}")
     elif config.chat_template:
-        warnings.append(f"{gguf_path.name}: unrecognized chat template (neither Llama-3 instruct nor ChatML); "
+        warnings.append(f"{name}: unrecognized chat template (neither Llama-3 instruct nor ChatML); "
                         "the Modelfile has no TEMPLATE, so Ollama uses the GGUF's own template")
     else:
-        warnings.append(f"{gguf_path.name}: no tokenizer.chat_template in the GGUF; the Modelfile has no "
+        warnings.append(f"{name}: no tokenizer.chat_template in the GGUF; the Modelfile has no "
                         "TEMPLATE, so Ollama falls back to its default prompt format")
 
     stops = list(template.stops) if template else []
@@ -308,7 +314,7 @@ def build_modelfile(gguf_path: str | Path, output: str | Path | None = None,
 
     if atd:
         types = ", ".join(f"{name}: {n} tensors" for name, n in atd.items())
-        warnings.append(ATD_WARNING.format(name=gguf_path.name, types=types))
+        warnings.append(ATD_WARNING.format(name=name, types=types))
     return ModelfileResult(output, "\n".join(lines) + "\n", template, system or None, atd, warnings)
 
 

@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf_types
+import yaml
 
 from . import __version__
 from .errors import AtdError
-from .inspect_gguf import FileSummary, inspect_file
-from .modelfile import ChatTemplate, ollama_config
+from .inspect_gguf import FileSummary, inspect_layout, printable, read_layout
+from .modelfile import ChatTemplate, header_of, ollama_config
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _HF_REPO_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+?)/?")
 _PLAIN_YAML = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
+# numbers of YAML 1.2's core schema (the Hub's parser) that PyYAML's YAML 1.1 reads as strings, e.g. 2e3
+_YAML12_NUMBER = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|0o[0-7]+|0x[0-9a-fA-F]+")
+# what a Hub token, an Authorization header value or a bearer token looks like in text a server sends back
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+_AUTHORIZATION = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:bearer\s+)?[^\s\"',;}]+")
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;}]+")
 
 
 def _atd_ids(names) -> str:
@@ -64,10 +72,27 @@ class PublishResult:
     uploaded: tuple[str, ...] = field(default=())
 
 
-def validate_repo_id(repo_id: str) -> str:
-    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or "--" in repo_id or len(repo_id.split("/")[1]) > 96:
-        raise AtdError(f"--repo must be NAMESPACE/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}")
+def is_repo_id(text: str) -> bool:
+    """NAMESPACE/NAME that huggingface_hub's validate_repo_id accepts (no '..', '--', trailing '.', '-' or
+    '.git', at most 96 characters of name), with a letter or digit first."""
+    return (bool(_REPO_ID.fullmatch(text)) and ".." not in text and "--" not in text
+            and not text.endswith((".", "-", ".git")) and len(text.split("/")[1]) <= 96)
+
+
+def validate_repo_id(repo_id: str, option: str = "--repo") -> str:
+    if not is_repo_id(repo_id):
+        raise AtdError(f"{option} must be NAMESPACE/NAME (letters, digits, '-', '_', '.'), "
+                       f"got {printable(repr(repo_id))}")
     return repo_id
+
+
+def redact(text: str, token: str | None = None) -> str:
+    """text with the token, anything shaped like a Hub token, and Authorization/Bearer values replaced."""
+    if token:
+        text = text.replace(token, "[redacted]")
+    text = _HF_TOKEN.sub("[redacted]", text)
+    text = _AUTHORIZATION.sub(r"\1[redacted]", text)
+    return _BEARER.sub(r"\1[redacted]", text)
 
 
 def base_model_from_metadata(metadata: dict[str, object]) -> str | None:
@@ -75,18 +100,44 @@ def base_model_from_metadata(metadata: dict[str, object]) -> str | None:
     url = metadata.get("general.base_model.0.repo_url")
     if isinstance(url, str):
         found = _HF_REPO_URL.fullmatch(url.strip())
-        if found:
+        if found and is_repo_id(found.group(1)):
             return found.group(1)
     name = metadata.get("general.base_model.0.name")
-    if isinstance(name, str) and _REPO_ID.fullmatch(name.strip()):
+    if isinstance(name, str) and is_repo_id(name.strip()):
         return name.strip()
     return None
 
 
 def _yaml_scalar(value: str) -> str:
-    return value if _PLAIN_YAML.fullmatch(value) and value.lower() not in {"true", "false", "null", "yes", "no",
-                                                                             "on", "off", "~"} \
-        else json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
+    """value as a YAML string scalar: plain only where a YAML parser reads it back as that same string
+    under YAML 1.1 (PyYAML) and 1.2 alike (so 1.0, 2e3, yes, null, 0x1F are quoted); otherwise a JSON string,
+    which is a valid YAML double-quoted scalar."""
+    if _PLAIN_YAML.fullmatch(value) and not _YAML12_NUMBER.fullmatch(value):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
+
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]!|~])")  # inline emphasis, code, links, images, tables
+
+
+def _md_text(value: object) -> str:
+    """Text from the GGUF as one line of inert markdown: control characters and line breaks escaped,
+    markdown punctuation backslash-escaped, HTML's < & > as entities."""
+    text = printable(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def _md_code(value: str) -> str:
+    """An inline code span holding value verbatim, whatever backticks it contains."""
+    text = printable(value)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _mib(n: int) -> str:
@@ -120,12 +171,13 @@ def build_model_card(summary: FileSummary, *, repo_id: str, base_model: str | No
     front.append("---")
 
     title = summary.metadata.get("general.name")
-    body = [f"# {title if isinstance(title, str) else repo_id.split('/')[1]} — GGUF", ""]
+    title = title.strip() if isinstance(title, str) and title.strip() else repo_id.split("/")[1]
+    body = [f"# {_md_text(title)} — GGUF", ""]
     source = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "its original checkpoint"
-    body.append(f"`{name}` was converted from {source} with atd-gguf {__version__}.")
+    body.append(f"{_md_code(name)} was converted from {source} with atd-gguf {__version__}.")
     if atd_types:
         atd = {k[4:]: v for k, v in summary.metadata.items() if k.startswith("atd.")}
-        details = ", ".join(f"{k} {v}" for k, v in atd.items() if k in ("planes", "method", "embed_type"))
+        details = ", ".join(f"{k} {_md_text(v)}" for k, v in atd.items() if k in ("planes", "method", "embed_type"))
         body.append("")
         body.append("Its attention and feed-forward weights are stored as **ATD** (Adaptive Ternary Decomposition): "
                     "each weight block is a sum of ternary planes {-1, 0, +1} with one fp16 scale per plane, "
@@ -135,6 +187,7 @@ def build_model_card(summary: FileSummary, *, repo_id: str, base_model: str | No
     exported_as = summary.metadata.get("atd.exported_as")
     if not atd_types and isinstance(exported_as, str):
         planes = summary.metadata.get("atd.planes")
+        planes = planes if type(planes) is int else None
         body.append("")
         # the size table below shows the types the file holds now (it may have been requantized since)
         body.append(f"Its attention and feed-forward weights are the reconstruction of an ATD{planes or ''} model "
@@ -160,7 +213,8 @@ def build_model_card(summary: FileSummary, *, repo_id: str, base_model: str | No
     else:
         body += ["Any recent llama.cpp build:", ""]
         cli = "llama-cli"
-    body += ["```sh", f"hf download {repo} {name} --local-dir .", f"{cli} -m {name} -cnv", "```", ""]
+    quoted = shlex.quote(name)
+    body += ["```sh", f"hf download {repo} {quoted} --local-dir .", f"{cli} -m {quoted} -cnv", "```", ""]
 
     body += ["### Ollama", ""]
     if atd_types:
@@ -169,8 +223,8 @@ def build_model_card(summary: FileSummary, *, repo_id: str, base_model: str | No
                   "(`atd-gguf export --stock`). With such a build:"), ""]
     body += ["```sh", f"ollama run hf.co/{repo}", "```", "",
              "or, from a downloaded file, write a Modelfile and create the model locally:", "",
-             "```sh", f"atd-gguf modelfile {name}",
-             f"ollama create {repo.split('/')[1].lower()} -f {Path(name).stem}.Modelfile", "```"]
+             "```sh", f"atd-gguf modelfile {quoted}",
+             f"ollama create {repo.split('/')[1].lower()} -f {shlex.quote(Path(name).stem + '.Modelfile')}", "```"]
     if template is not None:
         body += ["", (f"The repo carries Ollama's `template` ({template.name}) and `params` (stop strings) "
                       "files, which `ollama run hf.co/…` picks up.")]
@@ -182,8 +236,12 @@ def plan_publish(gguf_path: str | Path, repo_id: str, *, private: bool = False, 
     """Everything publish() would upload, built locally: the GGUF, README.md, template/params/system."""
     validate_repo_id(repo_id)
     gguf_path = Path(gguf_path)
-    summary = inspect_file(gguf_path)
-    config = ollama_config(gguf_path)
+    if printable(gguf_path.name) != gguf_path.name:
+        raise AtdError(f"{printable(gguf_path)}: the file name has control characters or line breaks; rename it "
+                       "before publishing (it becomes the file's name in the repo)")
+    layout = read_layout(gguf_path)  # one bounded read for the card and the Ollama files
+    summary = inspect_layout(layout)
+    config = ollama_config(gguf_path, header_of(layout))
     atd = config.atd_types
     warnings: list[str] = []
 
@@ -191,9 +249,7 @@ def plan_publish(gguf_path: str | Path, repo_id: str, *, private: bool = False, 
     if not license:
         warnings.append("no license known (none in the GGUF metadata): pass --license, e.g. the base model's")
     if base_model is not None:
-        validate_base = _REPO_ID.fullmatch(base_model)
-        if not validate_base:
-            raise AtdError(f"--base-model must be a Hub repo id NAMESPACE/NAME, got {base_model!r}")
+        validate_repo_id(base_model, "--base-model")
     else:
         base_model = base_model_from_metadata(summary.metadata)
     quality_text = None
@@ -228,13 +284,15 @@ def plan_publish(gguf_path: str | Path, repo_id: str, *, private: bool = False, 
 
 def describe_plan(plan: PublishPlan) -> str:
     """Human-readable dry-run description: repo, files with sizes, the model card."""
-    lines = [(f"would create {'private' if plan.private else 'public'} model repo {plan.repo_id} "
+    lines = [(f"would create {'private' if plan.private else 'public'} model repo {printable(plan.repo_id)} "
               "(if it does not exist) and commit:")]
-    width = max(len(f.path_in_repo) for f in plan.files)
+    width = max(len(printable(f.path_in_repo)) for f in plan.files)
     for f in plan.files:
-        lines.append(f"  {f.path_in_repo:<{width}}  {f.size:>14,} bytes  ({_mib(f.size)})")
+        lines.append(f"  {printable(f.path_in_repo):<{width}}  {f.size:>14,} bytes  ({_mib(f.size)})")
     lines.append(f"  {'total':<{width}}  {plan.total_bytes:>14,} bytes  ({_mib(plan.total_bytes)})")
-    lines += ["", "--- README.md ---", plan.card.rstrip("\n"), "--- end README.md ---"]
+    # the card keeps its line breaks; anything else that would drive the terminal is escaped
+    card = "\n".join(printable(line) for line in plan.card.rstrip("\n").split("\n"))
+    lines += ["", "--- README.md ---", card, "--- end README.md ---"]
     return "\n".join(lines)
 
 
@@ -259,8 +317,14 @@ def _hub_transport():
     return importlib.import_module(HTTPError.__module__.split(".")[0])
 
 
-def _hub_error(e: Exception, endpoint: str, repo_id: str) -> AtdError:
-    """One clear line for network and HTTP failures (never containing the token)."""
+def _hub_error(e: Exception, endpoint: str, repo_id: str, token: str | None = None) -> AtdError:
+    """One clear line for network and HTTP failures (never containing the token: a server or proxy may
+    echo it back, so everything taken from the error is redacted and escaped)."""
+    error = _describe_hub_error(e, endpoint, repo_id)
+    return AtdError(printable(redact(str(error), token)))
+
+
+def _describe_hub_error(e: Exception, endpoint: str, repo_id: str) -> AtdError:
     from huggingface_hub.errors import HfHubHTTPError
 
     httpx = _hub_transport()
@@ -290,9 +354,6 @@ def publish(plan: PublishPlan, *, endpoint: str | None = None, token: str | None
             commit_message: str | None = None) -> PublishResult:
     """Create the repo (exist_ok) and upload every file of the plan in one commit."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    transport_error = _hub_transport().TransportError
 
     token = resolve_token(token)
     api = HfApi(endpoint=endpoint, token=token, library_name="atd-gguf", library_version=__version__)
@@ -305,7 +366,7 @@ def publish(plan: PublishPlan, *, endpoint: str | None = None, token: str | None
         repo_url = api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
         info = api.create_commit(plan.repo_id, operations, repo_type="model",
                                  commit_message=commit_message or f"Upload {plan.gguf.name} (atd-gguf {__version__})")
-    except (transport_error, HfHubHTTPError) as e:
-        raise _hub_error(e, where, plan.repo_id) from None
+    except Exception as e:  # noqa: BLE001 - any failure's text may carry the token: one redacted line
+        raise _hub_error(e, where, plan.repo_id, token) from None
     return PublishResult(plan, str(repo_url), info.commit_url, info.oid, user,
                          tuple(f.path_in_repo for f in plan.files))

@@ -3,16 +3,24 @@
 The model runs in the patched `llama-completion` binary (built by `make llama`, see
 docs/llama-plugin.md) as a subprocess: single-shot generation, greedy by default, with the
 GGUF's own chat template (Jinja) in --chat mode. Its log goes to a pipe and is shown only
-when it fails.
+when it fails, as the one line that names the cause (model_check.llama_log_cause).
+
+Before it runs, model_check.check_runnable refuses what llama.cpp would abort on. Invalid tensor
+data (ATD bytes the encoder never writes, non-finite scales, NaN weights) is left to llama.cpp's
+--check-tensors: ggml_validate_row_data checks ATD rows through the patch, one thread per tensor,
+while the model is mapped anyway; a second pass in Python would read the whole file once more.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 from .errors import AtdError
+from .inspect_gguf import printable
+from .model_check import check_runnable, llama_log_cause
 
 ROOT = Path(__file__).resolve().parent.parent
 # ATD_LLAMA_BIN_DIR overrides where the patched binaries are (default: this checkout's build)
@@ -35,7 +43,7 @@ def build_command(model: Path, prompt: str, n_predict: int, chat: bool, *, temp:
                   system: str | None = None) -> list[str]:
     cmd = [str(completion_binary()), "-m", str(model), "-p", prompt, "-n", str(n_predict),
            "--temp", str(temp), "--seed", str(seed), "-c", str(ctx_size),
-           "--no-display-prompt", "--no-warmup", "--no-perf", "--simple-io"]
+           "--no-display-prompt", "--no-warmup", "--no-perf", "--simple-io", "--check-tensors"]
     if threads:
         cmd += ["-t", str(threads)]
     if chat:
@@ -49,28 +57,33 @@ def build_command(model: Path, prompt: str, n_predict: int, chat: bool, *, temp:
 
 
 def _failure_line(log: str) -> str:
-    """The most telling line of llama.cpp's log: the last error-looking one, else the last one."""
-    lines = [line.strip() for line in log.splitlines() if line.strip()]
-    for line in reversed(lines):
-        low = line.lower()
-        if "error" in low or "failed" in low or "invalid" in low:
-            return line
-    return lines[-1] if lines else "no output"
+    """The line of llama.cpp's log that names why it failed (model_check.llama_log_cause)."""
+    return llama_log_cause(log) or "no output"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def run(model: Path, prompt: str, n_predict: int = 128, chat: bool = False, **options) -> str:
     """Generate; returns the generated text (without the prompt)."""
     model = Path(model)
-    if not model.is_file():
-        raise AtdError(f"{model}: no such file")
+    check_runnable(model)
     cmd = build_command(model, prompt, n_predict, chat, **options)
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True)
+    # no gdb backtrace on an abort: it takes seconds and buries the abort message
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env)
     out = proc.stdout.decode("utf-8", errors="replace")
     if proc.returncode != 0:
-        detail = _failure_line(proc.stderr.decode("utf-8", errors="replace"))
+        log = proc.stderr.decode("utf-8", errors="replace")
+        detail = printable(llama_log_cause(log) or llama_log_cause(out) or "it printed nothing")
         if proc.returncode < 0:
-            detail = f"killed by signal {-proc.returncode}; {detail}"
-        raise AtdError(f"llama-completion failed on {model} (exit {proc.returncode}): {detail}")
+            raise AtdError(f"llama-completion was killed by {_signal_name(-proc.returncode)} on {printable(model)}: "
+                           f"{detail}")
+        raise AtdError(f"llama-completion failed on {printable(model)} (exit {proc.returncode}): {detail}")
     return clean_output(out)
 
 

@@ -31,9 +31,13 @@ KNOWN_PRE_TOKENIZERS = {
 
 
 class SpecialVocab(gguf.SpecialVocab):
-    """gguf 0.19.0's SpecialVocab plus two rules of the pinned llama.cpp's newer gguf-py:
-    a ByteLevel post-processor defaults add_bos/add_eos to false, and lowercase/strip-accents
-    normalizers are recorded."""
+    """gguf 0.19.0's SpecialVocab plus the rules of the pinned llama.cpp's newer gguf-py:
+    - a ByteLevel post-processor defaults add_bos/add_eos to false;
+    - what the post-processor decides about add_bos/add_eos/add_sep wins over tokenizer_config.json's
+      add_*_token (0.19.0 lets the config win);
+    - a TemplateProcessing whose single sequence starts with a special token that is neither
+      bos_token nor cls_token makes that token the bos (and cls) token where the config names none;
+    - lowercase/strip-accents normalizers are recorded."""
 
     def _try_load_from_tokenizer_json(self, path: Path) -> bool:
         loaded = super()._try_load_from_tokenizer_json(path)
@@ -41,10 +45,21 @@ class SpecialVocab(gguf.SpecialVocab):
         if not tokenizer_file.is_file():
             return loaded
         spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-        post = spec.get("post_processor") or {}
-        if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
-            self.add_special_token.setdefault("bos", False)
-            self.add_special_token.setdefault("eos", False)
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+        decided, adopted = _post_processor_decisions(spec.get("post_processor") or {}, config or {})
+        if config:  # without a tokenizer_config.json both versions keep the post-processor's flags as set
+            self.add_special_token = decided | {k: v for k, v in self.add_special_token.items() if k not in decided}
+            ids = {t.get("content"): t.get("id") for t in spec.get("added_tokens", [])}
+            for typ, token in adopted.items():
+                self._set_special_token(typ, ids.get(token))
+            # ids set from tokenizer_config.json come in special_token_types order, adopted ones included
+            order = {typ: i for i, typ in enumerate(self.special_token_types)}
+            self.special_token_ids = dict(sorted(self.special_token_ids.items(),
+                                                 key=lambda kv: order.get(kv[0], len(order))))
+        else:
+            for typ, flag in decided.items():
+                self.add_special_token.setdefault(typ, flag)
         self.normalizer_flags = _normalizer_flags(spec.get("normalizer") or {})
         return loaded
 
@@ -52,6 +67,57 @@ class SpecialVocab(gguf.SpecialVocab):
         super().add_to_gguf(gw, quiet=quiet)
         for key, value in getattr(self, "normalizer_flags", {}).items():
             gw.add_bool(key, value)
+
+
+def _special_id(item: dict) -> str | None:
+    special = item.get("SpecialToken") if isinstance(item, dict) else None
+    return special.get("id") if isinstance(special, dict) else None
+
+
+def _post_processor_decisions(post: dict, config: dict) -> tuple[dict[str, bool], dict[str, str]]:
+    """(add_* flags the post-processor decides, special tokens it names that the config lacks) under the
+    pinned gguf-py's reading of tokenizer.json's post_processor with a tokenizer_config.json present."""
+    bos, cls, eos, sep = (config.get(f"{t}_token") for t in ("bos", "cls", "eos", "sep"))
+    bos = bos or cls
+    eos = eos or sep
+    decided: dict[str, bool] = {}
+    adopted: dict[str, str] = {}
+    processors = post.get("processors", [post]) if isinstance(post, dict) else []
+    for processor in processors:
+        kind = processor.get("type") if isinstance(processor, dict) else None
+        if kind == "ByteLevel":
+            decided.setdefault("bos", False)
+            decided.setdefault("eos", False)
+        elif kind == "RobertaProcessing":
+            decided.update(bos=True, eos=True, sep=True)
+            cls = cls or (processor.get("cls") or [bos])[0]
+            sep = sep or (processor.get("sep") or [eos])[0]
+        elif kind == "TemplateProcessing":
+            single, pair = processor.get("single") or [], processor.get("pair") or []
+            first = last = None
+            if len(single) > 1:
+                if first := _special_id(single[0]):
+                    if first not in (bos, cls):
+                        if not bos:
+                            bos = adopted["bos"] = first
+                        if not cls:
+                            cls = adopted["cls"] = first
+                    decided["bos"] = first in (bos, cls)
+                if last := _special_id(single[-1]):
+                    eos = last  # a different trailing token replaces eos_token (the old one becomes eot)
+                    decided["eos"] = True
+            start = 1 if first and pair and _special_id(pair[0]) == first else 0
+            stop = -1 if last and pair and _special_id(pair[-1]) == last else None
+            middle = pair[start:stop]
+            if (middle and isinstance(middle[0], dict) and isinstance(middle[-1], dict)
+                    and (middle[0].get("Sequence") or {}).get("id") == "A"
+                    and (middle[-1].get("Sequence") or {}).get("id") == "B" and middle[1:-1]):
+                between = [_special_id(item) for item in middle[1:-1]]
+                add_sep = bool(between[0] in (sep, eos) and between[0] and not last)
+                if len(between) == 2 and between[1] and between[1] in (sep, eos):
+                    add_sep = True
+                decided["sep"] = add_sep
+    return decided, adopted
 
 
 # keys of the pinned llama.cpp that gguf 0.19.0 lacks
@@ -82,6 +148,9 @@ def _looks_special(token: str) -> bool:
             or (token.startswith("<|") and token.endswith("|>"))
             or (token.startswith("<｜") and token.endswith("｜>"))
             or (token.startswith("<unused") and token.endswith(">")))
+
+
+GRANITE_SMALL_VOCAB_SIZE = 49152
 
 
 class BpeVocab:
@@ -154,4 +223,11 @@ class BpeVocab:
         writer.add_tokenizer_pre(self.pre_tokenizer())
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        SpecialVocab(self.directory, load_merges=True).add_to_gguf(writer, quiet=True)
+        special = SpecialVocab(self.directory, load_merges=True)
+        # llama.cpp's Llama converter (conversion/llama.py, "granite small models") turns add_bos off for
+        # every 49152-token vocab, SmolLM's included, whatever the tokenizer files say
+        if self.n_vocab == GRANITE_SMALL_VOCAB_SIZE and "bos" in special.add_special_token:
+            special.add_special_token["bos"] = False
+        special.add_to_gguf(writer, quiet=True)
+        if self.n_vocab == GRANITE_SMALL_VOCAB_SIZE and "bos" not in special.add_special_token:
+            writer.add_add_bos_token(False)

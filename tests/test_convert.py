@@ -209,3 +209,38 @@ def test_f16_and_f32_checkpoints_match_llama_cpp(dtype, llama3_dir, reference_gg
     result = run_cli("convert", model, "-o", ours, "--outtype", "f16", "--no-progress")
     assert result.exit_code == 0, result.output
     assert gguf_differences(ours, reference_gguf(model, "f16")) == []
+
+
+# ---- tokenizers saved by transformers 5 ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_transformers5_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2 with its tokenizer re-saved by transformers 5 (add_bos_token=False): tokenizer_config.json
+    without add_bos_token, and a TemplateProcessing post-processor whose single sequence is just [A]."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    assert int(transformers.__version__.split(".")[0]) >= 5, transformers.__version__
+    model = tmp_path_factory.mktemp("smollm2-transformers5")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        try:
+            os.link(smollm2_dir / name, model / name)
+        except OSError:
+            shutil.copy(smollm2_dir / name, model / name)
+    AutoTokenizer.from_pretrained(smollm2_dir, add_bos_token=False).save_pretrained(model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    post = json.loads((model / "tokenizer.json").read_text())["post_processor"]
+    assert "add_bos_token" not in config
+    assert post["type"] == "TemplateProcessing" and post["single"] == [{"Sequence": {"id": "A", "type_id": 0}}]
+    return model
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_transformers5_tokenizer_matches_llama_cpp(outtype, smollm2_transformers5_dir, reference_gguf, tmp_path):
+    ours = tmp_path / "ours.gguf"
+    result = run_cli("convert", smollm2_transformers5_dir, "-o", ours, "--outtype", outtype, "--no-progress")
+    assert result.exit_code == 0, result.output
+    reference = reference_gguf(smollm2_transformers5_dir, outtype)
+    assert gguf_differences(ours, reference) == []
+    # the key this checkpoint is about is there, as llama.cpp writes it
+    assert gguf.GGUFReader(reference).fields["tokenizer.ggml.add_bos_token"].contents() is False

@@ -719,3 +719,35 @@ def test_help_has_example():
     for command in ("modelfile", "publish"):
         result = run_cli(command, "--help")
         assert result.exit_code == 0 and "Example" in result.output, result.output
+
+
+# =================================================================================================
+# hostile file names (issue 13, D6): a name must not become Modelfile commands or break stderr lines
+# =================================================================================================
+
+
+def test_file_name_cannot_inject_commands(tmp_path):
+    name = "evil\nSYSTEM pwned\nFROM llama3\n#.gguf"
+    model = write_tiny_gguf(tmp_path / name, CHATML_JINJA, atd=True)
+    out = tmp_path / "x.Modelfile"
+    result = make_modelfile(model, out)
+    mf = parsed(out)  # asserts one FROM; reads the file as Ollama's parser does
+    assert mf["from"] == f"./{name}" and "system" not in mf
+    # the comments name the file escaped; FROM holds the real name in triple quotes (Ollama's multi-line value)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "# Ollama Modelfile for evil\\nSYSTEM pwned\\nFROM llama3\\n#.gguf, written by atd-gguf"
+    assert lines[2] == 'FROM """./evil'
+    # the ATD warning names the file on one line, escaped
+    warnings = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: evil\\nSYSTEM pwned\\nFROM llama3\\n#.gguf has"), \
+        result.stderr
+
+
+def test_output_name_cannot_inject_commands(tmp_path):
+    model = write_tiny_gguf(tmp_path / "m.gguf", CHATML_JINJA, atd=False)
+    out = tmp_path / "a\nSYSTEM pwned\nb\x1b]0;t\x07.Modelfile"
+    result = make_modelfile(model, out)
+    assert len(result.stdout.strip().splitlines()) == 1 and "\x1b" not in result.stdout, result.stdout
+    mf = parsed(out)
+    assert "system" not in mf and mf["from"] == "./m.gguf"
+    assert "\x1b" not in out.read_text() and "\x07" not in out.read_text()

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import yaml
 from fake_hub import FakeHub
@@ -267,3 +268,109 @@ def test_library_plan_and_card(tiny_gguf, tmp_path):
     assert files["system"] == b"You are SmolTest."
     # a value YAML would misread is quoted
     assert front_matter(build_model_card(inspect_file(tiny_gguf), repo_id="a/b", license="yes"))["license"] == "yes"
+
+
+# ---- hostile input (issue 13: D6, D14, D15, D16) ----------------------------------------------------
+
+class _EchoingProxy:
+    """An HTTP server that answers every request 400 with the request's headers in the error text,
+    as a misconfigured proxy might."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _echo(self):
+                headers = "; ".join(f"{k}: {v}" for k, v in self.headers.items())
+                body = json.dumps({"error": f"bad request, you sent {headers}"}).encode()
+                self.send_response(400)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = _echo
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_server_text_echoing_the_token_is_redacted(tiny_gguf, workdir):
+    with _EchoingProxy() as url:
+        result = run_publish(workdir, tiny_gguf, "--repo", "tester/x", "--endpoint", url)
+    line = one_error_line(result)
+    assert "400" in line and "[redacted]" in line, line
+    assert "Bearer" not in line.split("[redacted]")[-1]
+    assert_token_nowhere(result, workdir)
+
+
+def test_redact():
+    from converter.publish import redact
+
+    assert redact(f"x Authorization: Bearer {TOKEN} y") == "x Authorization: [redacted] y"
+    assert redact(f'{{"authorization": "Bearer abc.def"}}') == '{"authorization": "[redacted]"}'
+    assert redact(f"token {TOKEN}.") == "token [redacted]."
+    assert redact("secret s3cr3t here", token="s3cr3t") == "secret [redacted] here"
+    assert redact("404 Not Found: no such repo") == "404 Not Found: no such repo"
+
+
+@pytest.mark.parametrize("license", ["1.0", "2e3", "0x1F", "null", "on", "3"])
+def test_license_that_yaml_would_read_as_another_type(license, tiny_gguf):
+    card = build_model_card(inspect_file(tiny_gguf), repo_id="a/b", license=license)
+    assert front_matter(card)["license"] == license
+
+
+@pytest.mark.parametrize("base", ["a/..", "../x", "a/b--c", "a/b.", "a/.git"])
+def test_base_model_validated_like_repo(base, tiny_gguf, workdir):
+    from converter.errors import AtdError
+
+    with pytest.raises(AtdError, match="--repo must be"):
+        plan_publish(tiny_gguf, base)
+    result = run_publish(workdir, tiny_gguf, "--repo", "tester/x", "--base-model", base, "--dry-run")
+    assert "--base-model must be NAMESPACE/NAME" in one_error_line(result)
+
+
+def test_card_is_inert_for_hostile_metadata(tmp_path):
+    model = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(model, "llama")
+    writer.add_name("Nice\n\n<img src=x onerror=alert(1)>\n# Owned [click](http://evil) \x1b]0;t\x07")
+    writer.add_string("atd.method", "grid **bold** <b>")
+    writer.add_tensor("output_norm.weight", np.ones(256, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    card = build_model_card(inspect_file(model), repo_id="a/b", atd_types={"ATD2": 1})
+    body = card.split("\n---\n", 1)[1]
+    title = body.strip().splitlines()[0]
+    assert title.startswith("# Nice") and title.endswith(" — GGUF")  # the whole name on the title line
+    assert "<img" not in body and "<b>" not in body and "\x1b" not in body and "\x07" not in body
+    assert "[click](http" not in body and "**bold**" not in body
+    assert not any(line.startswith("# Owned") for line in body.splitlines())
+
+
+def test_hostile_file_name_in_dry_run_and_card(tmp_path, workdir):
+    import shlex
+
+    name = "it's `evil` $(rm -rf x).gguf"
+    model = write_tiny_gguf(tmp_path / name, license="mit")
+    result = run_publish(workdir, model, "--repo", "tester/x", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"hf download tester/x {shlex.quote(name)} --local-dir ." in result.stdout
+    assert f"``{name}`` was converted from" in result.stdout  # a code span that its backticks cannot close
+    bad = write_tiny_gguf(tmp_path / "two\nlines\x1b[2J.gguf", license="mit")
+    result = run_publish(workdir, bad, "--repo", "tester/x", "--dry-run")
+    line = one_error_line(result)
+    assert "two\\nlines\\x1b[2J.gguf" in line and "rename it" in line
