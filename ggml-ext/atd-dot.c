@@ -566,28 +566,7 @@ ATD_TARGET_AVX512 ATD_INLINE void atd_codes512_mul(__m512i P, const __m512i * ta
 ATD_TARGET_AVX512 ATD_INLINE void atd_tables512_mul(__m512i * tab) {
     (void)tab;
 }
-
-#if defined(ATD_HAVE_AVX512VBMI)
-// the codes of digits 0..4 of the 64 bytes of P (lut decoder); tab: the two tables in 8 zmm
-ATD_TARGET_AVX512VBMI ATD_INLINE void atd_codes512_lut(__m512i P, const __m512i * tab, __m512i * c) {
-    const __mmask64 top   = _mm512_movepi8_mask(P);
-    const __m512i   three = _mm512_set1_epi8(3);
-    const __m512i   u     = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[0], P, tab[1]), top,
-                                                 _mm512_permutex2var_epi8(tab[2], P, tab[3]));
-    c[4] = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[4], P, tab[5]), top,
-                                _mm512_permutex2var_epi8(tab[6], P, tab[7]));
-    c[0] = _mm512_and_si512(u, three);
-    c[1] = _mm512_and_si512(_mm512_srli_epi16(u, 2), three);
-    c[2] = _mm512_and_si512(_mm512_srli_epi16(u, 4), three);
-    c[3] = _mm512_and_si512(_mm512_srli_epi16(u, 6), three);
-}
-ATD_TARGET_AVX512VBMI ATD_INLINE void atd_tables512_lut(__m512i * tab) {
-    ATD_UNROLL for (int t = 0; t < 4; ++t) {
-        tab[t]     = _mm512_load_si512((const void *)(atd_lut_c0123 + 64 * t));
-        tab[4 + t] = _mm512_load_si512((const void *)(atd_lut_c4 + 64 * t));
-    }
-}
-#endif
+// atd_tables512_lut and atd_codes512_lut (the VBMI decoder) are in atd-simd.h, shared with atd-mm.c
 
 // the int32 sums of each 128-bit lane (one block per lane) of a (half 0) and b (half 1):
 // [a0 a1 a2 a3 | b0 b1 b2 b3]

@@ -589,30 +589,14 @@ ATD_TARGET_AVX512 static void atd_mm_kernel_avx512(const uint8_t * tile, const f
 }
 
 #if defined(ATD_HAVE_AVX512VBMI)
-// decoding with the VBMI digit tables of atd-dot.c (digits 0..3 packed in 2-bit fields, digit 4)
-
-ATD_TARGET_AVX512VBMI ATD_INLINE void atd_mm_codes512(__m512i P, const __m512i * tab, __m512i * c) {
-    const __mmask64 top   = _mm512_movepi8_mask(P);
-    const __m512i   three = _mm512_set1_epi8(3);
-    const __m512i   u     = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[0], P, tab[1]), top,
-                                                 _mm512_permutex2var_epi8(tab[2], P, tab[3]));
-    c[4] = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[4], P, tab[5]), top,
-                                _mm512_permutex2var_epi8(tab[6], P, tab[7]));
-    c[0] = _mm512_and_si512(u, three);
-    c[1] = _mm512_and_si512(_mm512_srli_epi16(u, 2), three);
-    c[2] = _mm512_and_si512(_mm512_srli_epi16(u, 4), three);
-    c[3] = _mm512_and_si512(_mm512_srli_epi16(u, 6), three);
-}
+// decoding with the VBMI digit tables of atd-dot.c (atd_codes512_lut, atd-simd.h)
 
 // blocks [b0, b0 + nblk) of one row into natural order (the same bytes as atd_mm_decode_ref)
 ATD_TARGET_AVX512VBMI static void atd_mm_decode_avx512(const uint8_t * row, int planes, int block, int b0, int nblk,
                                                        uint8_t * u, float * s) {
     const size_t bsz = ATD_TYPE_SIZE(planes, block);
     __m512i      tab[8];
-    for (int t = 0; t < 4; ++t) {
-        tab[t]     = _mm512_loadu_si512((const void *)(atd_lut_c0123 + 64 * t));
-        tab[4 + t] = _mm512_loadu_si512((const void *)(atd_lut_c4 + 64 * t));
-    }
+    atd_tables512_lut(tab);
     ATD_ALIGN64 uint8_t lt[4][128];
     if (block == QK_ATD) {
         const __mmask64 plane = (1ull << ATD_S256_MM) - 1;
@@ -625,7 +609,7 @@ ATD_TARGET_AVX512VBMI static void atd_mm_decode_avx512(const uint8_t * row, int 
             __m512i idx[ATD_TRITS_PER_BYTE];
             for (int i = 0; i < planes; ++i) {
                 __m512i c[ATD_TRITS_PER_BYTE];
-                atd_mm_codes512(_mm512_maskz_loadu_epi8(plane, blk + 2 * planes + i * ATD_S256_MM), tab, c);
+                atd_codes512_lut(_mm512_maskz_loadu_epi8(plane, blk + 2 * planes + i * ATD_S256_MM), tab, c);
                 for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
                     idx[k] = i == 0 ? c[k] : _mm512_add_epi8(_mm512_add_epi8(_mm512_add_epi8(idx[k], idx[k]), idx[k]), c[k]);
                 }
@@ -660,7 +644,7 @@ ATD_TARGET_AVX512VBMI static void atd_mm_decode_avx512(const uint8_t * row, int 
                     P = _mm512_mask_loadu_epi8(P, (__mmask64)0x1fff << (16 * j), p + (size_t)j * bsz - 16 * j);
                 }
                 __m512i c[ATD_TRITS_PER_BYTE];
-                atd_mm_codes512(P, tab, c);
+                atd_codes512_lut(P, tab, c);
                 for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
                     idx[k] = i == 0 ? c[k] : _mm512_add_epi8(_mm512_add_epi8(_mm512_add_epi8(idx[k], idx[k]), idx[k]), c[k]);
                 }
