@@ -10,10 +10,12 @@
   the checkpoint's own activations (layer by layer), instead of the per-block fit.
 
 The importance that weighs the per-block fit and the plan's error estimates comes from `--imatrix`
-(llama-imatrix output) or, with `--calibration`, from the calibration text's activations. Under a
-budget with `--calibration`, each tensor's sensitivity (how much its error raises the loss) is
-measured on the calibration text (converter.sensitivity: an empirical-Fisher pass whose forward
-half also gives that importance) instead of taken from converter.budget's table.
+(llama-imatrix output) or, with `--calibration`, from the calibration text's activations. Each
+tensor's sensitivity (how much its error raises the loss) comes from converter.budget's table, or
+with `--sensitivity fisher` is measured on the calibration text (converter.sensitivity: an
+empirical-Fisher pass whose forward half also gives that importance). The table is the default:
+on the continuous SmolLM2 fixture the measured values planned worse files at all three stock
+rungs (docs/bench-quality.md).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .imatrix import load_imatrix
 from .llama import EMBEDDINGS, LINEAR_WEIGHT, LlamaModel, SourceTensor
 
 EMBED_TYPES = tuple(STOCK_OUTTYPES)
+SENSITIVITY_SOURCES = ("table", "fisher")  # converter.budget's table; converter.sensitivity's measurement
 # general.file_type of an ATD file: 1000 + N - 1 when every ATD matrix has N planes, mirroring the
 # type ids; ATD_FILE_TYPE_MIX when the plane count varies (docs/atd-format.md §1)
 ATD_FILE_TYPE_BASE = gguf_types.ATD_TYPE_ID_BASE
@@ -51,6 +54,7 @@ class AtdOptions:
     calibration: Path | None = None        # text file: GPTQ fit (and importance, sensitivities)
     calibration_chunks: int = 32
     calibration_ctx: int = 512
+    sensitivity: str = "table"             # the plan's per-tensor sensitivities: SENSITIVITY_SOURCES
     fisher_chunks: int = 8                 # of the calibration chunks, those the sensitivity pass backpropagates
     _importance: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _sensitivities: object = field(default=None, repr=False)  # converter.sensitivity.Sensitivities
@@ -74,6 +78,10 @@ class AtdOptions:
                 raise AtdError(f"{self.calibration}: no such calibration text file")
             if self.calibration_chunks < 1 or self.calibration_ctx < 16:
                 raise AtdError("--calibration-chunks must be >= 1 and --calibration-ctx >= 16")
+        if self.sensitivity not in SENSITIVITY_SOURCES:
+            raise AtdError(f"--sensitivity must be one of {', '.join(SENSITIVITY_SOURCES)}, got {self.sensitivity!r}")
+        if self.sensitivity == "fisher" and (self.calibration is None or not self.planned):
+            raise AtdError("--sensitivity fisher needs --calibration and --target-size or --bpw")
         if self.imatrix is not None:
             self._importance = load_imatrix(self.imatrix)
 
@@ -157,17 +165,22 @@ class AtdOptions:
                                     max_chunks=self.calibration_chunks)
 
     def _calibrate_statistics(self, llama: LlamaModel) -> None:
-        """Under a budget: the measured sensitivities for the plan, and (without an imatrix file) the
-        calibration text's mean x² per input column from the same pass's unquantized forward half, for
-        the plan's estimates and the per-block fit of what GPTQ does not fit."""
+        """Under a budget, without an imatrix file: the calibration text's mean x² per input column (an
+        unquantized forward pass), for the plan's estimates and the per-block fit of what GPTQ does not
+        fit. With --sensitivity fisher, the same pass also measures the plan's sensitivities."""
         if not self.planned:
             return
-        from .sensitivity import measure_sensitivity
+        if self.sensitivity == "fisher":
+            from .sensitivity import measure_sensitivity
 
-        self._sensitivities = measure_sensitivity(llama.checkpoint.dir, self._tokens(llama),
-                                                  fisher_chunks=self.fisher_chunks)
-        if self.imatrix is None:
-            self._importance = self._sensitivities.importance
+            self._sensitivities = measure_sensitivity(llama.checkpoint.dir, self._tokens(llama),
+                                                      fisher_chunks=self.fisher_chunks)
+            if self.imatrix is None:
+                self._importance = self._sensitivities.importance
+        elif self.imatrix is None:
+            from .calibration import LayerwiseCalibration
+
+            self._importance = LayerwiseCalibration(llama.checkpoint.dir, self._tokens(llama)).statistics()
 
     def _make_plan(self, llama: LlamaModel, options: ConvertOptions) -> None:
         from . import budget
@@ -216,7 +229,7 @@ class AtdOptions:
             kv["atd.calibration"] = Path(self.calibration).name
             kv["atd.calibration_tokens"] = self.calibration_chunks * self.calibration_ctx
         if self.planned:  # where the plan's per-tensor sensitivities came from
-            kv["atd.sensitivity"] = "fisher" if self.calibration is not None else "table"
+            kv["atd.sensitivity"] = self.sensitivity
         if self._plan is not None:
             kv["atd.plan"] = self._plan.summary_json()
         return kv

@@ -99,6 +99,9 @@ def main(ctx: click.Context, verbose: bool) -> None:
               help="With --calibration: chunks of --calibration-ctx tokens to use at most.")
 @click.option("--calibration-ctx", type=int, default=512, show_default=True,
               help="With --calibration: tokens per chunk.")
+@click.option("--sensitivity", type=click.Choice(["table", "fisher"]), default="table", show_default=True,
+              help="Under a budget, how much each tensor's error costs: the built-in table, or measured "
+                   "on the --calibration text (empirical Fisher; slower).")
 @click.option("--embed-type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
               help="With ATD: type of token_embd and output (default q8_0 with --planes; chosen by the "
                    "size plan with --target-size/--bpw).")
@@ -106,7 +109,8 @@ def main(ctx: click.Context, verbose: bool) -> None:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def convert(model: str, output: Path, outtype: str | None, planes: int | None, target_size: str | None,
             bpw: float | None, method: str, imatrix: Path | None, calibration: Path | None, calibration_chunks: int,
-            calibration_ctx: int, embed_type: str | None, force: bool, no_progress: bool) -> None:
+            calibration_ctx: int, sensitivity: str, embed_type: str | None, force: bool,
+            no_progress: bool) -> None:
     """Convert MODEL (a checkpoint directory or a Hub repo id) to GGUF.
 
     \b
@@ -134,7 +138,8 @@ def convert(model: str, output: Path, outtype: str | None, planes: int | None, t
         options = AtdOptions(planes, method, embed_type, imatrix,
                              target_size=parse_size(target_size) if target_size is not None else None,
                              bpw=bpw, calibration=calibration, calibration_chunks=calibration_chunks,
-                             calibration_ctx=calibration_ctx).convert_options(force=force, progress=not no_progress)
+                             calibration_ctx=calibration_ctx,
+                             sensitivity=sensitivity).convert_options(force=force, progress=not no_progress)
         options.input_files = tuple(p for p in (imatrix, calibration) if p is not None)
     start = time.perf_counter()
     result = run_convert(model, output, options)

@@ -154,6 +154,9 @@ def models(model_dir: Path, out: Path, threads: int) -> dict[str, Path]:
     for rung in RUNGS:
         result[f"ATD@{rung} +imatrix"] = sized(rung, ["--imatrix", str(imatrix)], "imatrix")
         result[f"ATD@{rung} +GPTQ"] = sized(rung, ["--calibration", str(calibration)], "gptq")
+        # the plan's sensitivities measured on the calibration text instead of the table
+        result[f"ATD@{rung} +GPTQ fisher"] = sized(
+            rung, ["--calibration", str(calibration), "--sensitivity", "fisher"], "gptq-fisher")
     return result
 
 
@@ -281,12 +284,15 @@ def main() -> None:
     lines += ["", "## The rungs: ATD no larger than each stock +imatrix file", "",
               "'ATD@X' files are `atd-gguf convert --target-size <size of X +imatrix>`: planes per tensor (and the "
               "embedding type) chosen by the size plan, fitted with the imatrix ('+imatrix') or with GPTQ error "
-              "feedback on the calibration text ('+GPTQ', `--calibration`, the same fortune files as the imatrix).",
+              "feedback on the calibration text ('+GPTQ', `--calibration`, the same fortune files as the imatrix). "
+              "The plan weighs each tensor's error by converter.budget's sensitivity table (fitted on SmolLM2-135M, "
+              "so in-sample here), or in '+GPTQ fisher' by sensitivities measured on the calibration text "
+              "(`--sensitivity fisher`, an empirical-Fisher pass).",
               "", "| rung | stock file | bytes | mean KLD | ATD file | bytes | mean KLD | ATD / stock KLD |",
               "|---|---|---|---|---|---|---|---|"]
     for rung in RUNGS:
         stock = by_name[f"{rung} +imatrix"]
-        for fit in ("+imatrix", "+GPTQ"):
+        for fit in ("+imatrix", "+GPTQ", "+GPTQ fisher"):
             atd = by_name[f"ATD@{rung} {fit}"]
             lines.append(f"| {rung} | {stock[0]} | {stock[1].stat().st_size:,} | {stock[6]:.4f} | {atd[0]} | "
                          f"{atd[1].stat().st_size:,} | {atd[6]:.4f} | {atd[6] / stock[6]:.2f} |")

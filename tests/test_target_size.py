@@ -80,6 +80,7 @@ def test_bpw_is_respected(llama3_dir, tmp_path):
     (["--target-size", "40MB", "--outtype", "f16"], "exclude"),
     (["--calibration", "nope.txt"], "--calibration needs --planes"),
     (["--planes", "2", "--calibration", "nope.txt"], "no such calibration text file"),
+    (["--target-size", "40MB", "--sensitivity", "fisher"], "--sensitivity fisher needs --calibration"),
 ])
 def test_bad_budget_and_calibration_input(llama3_dir, tmp_path, args, fragment):
     out = tmp_path / "o.gguf"
@@ -125,3 +126,9 @@ def test_calibrated_conversion(llama3_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert sized.stat().st_size <= 40_000_000
     assert json.loads(run_cli("inspect", sized, "--json").stdout)["plan"]["budget_bytes"] == 40_000_000
+    assert gguf.GGUFReader(sized).get_field("atd.sensitivity").contents() == "table"  # the default
+    fisher = tmp_path / "fisher.gguf"
+    result = run_cli("convert", llama3_dir, "-o", fisher, "--target-size", "40MB", "--sensitivity", "fisher", *common)
+    assert result.exit_code == 0, result.output
+    assert fisher.stat().st_size <= 40_000_000
+    assert gguf.GGUFReader(fisher).get_field("atd.sensitivity").contents() == "fisher"
