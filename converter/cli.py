@@ -38,9 +38,9 @@ class _Group(click.Group):
             line = message.splitlines()[0] if message.strip() else type(e).__name__
             while line.lower().startswith("error:"):  # a library's own prefix would double ours
                 line = line[len("error:"):].lstrip() or type(e).__name__
-            # paths and names in messages may hold escape sequences: never send them to the terminal raw
-            line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in line)
-            click.echo(f"error: {line}", err=True)
+            from .inspect_gguf import printable  # paths and names may hold escape sequences
+
+            click.echo(f"error: {printable(line)}", err=True)
             sys.exit(1)
         finally:
             for sig, handler in previous.items():
