@@ -116,22 +116,8 @@ void quantize_row_atd_q8_64mm(const float * x, void * vy, int64_t k) {
 #endif
     for (int64_t b = 0; b < k / QK_ATD_64; ++b) {
         for (int h = 0; h < 2; ++h) {
-            const float * xh   = x + b * QK_ATD_64 + 32 * h;
-            float         amax = 0.0f;
-            for (int j = 0; j < 32; ++j) {
-                const float a = fabsf(xh[j]);
-                amax = a > amax ? a : amax;
-            }
-            const float d  = amax / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
-            int32_t     sum = 0;
-            for (int j = 0; j < 32; ++j) {
-                int v = (int)nearbyintf(xh[j] * id);
-                v = v > 127 ? 127 : (v < -127 ? -127 : v);
-                y[b].qs[32 * h + j] = (int8_t)v;
-                sum += v;
-            }
-            y[b].d[h]    = d;
+            int32_t sum;
+            y[b].d[h]    = atd_quantize_32(x + b * QK_ATD_64 + 32 * h, y[b].qs + 32 * h, &sum);
             y[b].bias[h] = -128 * sum;
         }
     }

@@ -19,6 +19,7 @@
 #pragma once
 
 #ifndef ATD_CFFI_CDEF
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #endif
@@ -115,6 +116,27 @@ static inline int atd_q8_64_group(int e) {
     return k < 2 ? k : k == 2 ? (e < 32 ? 2 : 3) : k + 1;
 }
 static inline int atd_q8_64_lane(int e) { return e % ATD_PLANE_BYTES(QK_ATD_64); }
+
+// The 64 family's activation rule (atd_q8_64 and the batched kernels' layout share it): per 32 values
+// d = max|x| / 127, q = nearest int of x / d (|q| <= 127); returns d, *sum = the sum of q
+static inline float atd_quantize_32(const float * x, int8_t * q, int32_t * sum) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+        const float a = fabsf(x[j]);
+        amax = a > amax ? a : amax;
+    }
+    const float d  = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int32_t     s  = 0;
+    for (int j = 0; j < 32; ++j) {
+        int v = (int)nearbyintf(x[j] * id);
+        v = v > 127 ? 127 : (v < -127 ? -127 : v);
+        q[j] = (int8_t)v;
+        s += v;
+    }
+    *sum = s;
+    return d;
+}
 
 // The base-3 byte (one fact, used by the codec and the kernels)
 // stored byte of the base-3 value v = sum_k c_k 3^(4-k), 0 <= v < 243
