@@ -834,6 +834,33 @@ static int atd_mm_kind(int path) {
     }
 }
 
+// blocks [b0, b0 + nblk) of one row (of nb blocks) into natural order by the decoder of a kernel kind:
+// u[e] = w + 128, s[b * ATD_MM_MR_MAX] the block's step
+static void atd_mm_decode_blocks(int kind, const uint8_t * row, int planes, int block, int nb, int b0, int nblk,
+                                 uint8_t * u, float * s) {
+    (void)nb;
+    switch (kind) {
+#if defined(ATD_HAVE_AVX512VBMI)
+        case ATD_MM_K_AVX512_VBMI:
+            atd_mm_decode_avx512(row, planes, block, b0, nblk, u, s);
+            break;
+#endif
+#if defined(ATD_HAVE_AVX2)
+        case ATD_MM_K_AVX512:
+        case ATD_MM_K_AVX2_MAD:
+        case ATD_MM_K_AVX2_VNNI:
+        case ATD_MM_K_AVX2_EVEX:
+            atd_mm_decode_avx2(row, planes, block, b0, nblk, u, s, nb - 1);
+            break;
+#endif
+        default:
+            for (int b = 0; b < nblk; ++b) {
+                atd_mm_decode_ref(row, planes, block, b0 + b, 1, u + b * block, &s[b * ATD_MM_MR_MAX]);
+            }
+            break;
+    }
+}
+
 void atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by,
                       int nc, float * dst, size_t ldd, void * scratch, int path) {
     if (n < block || nr <= 0 || nc <= 0 || planes < 1 || planes > ATD_MAX_PLANES ||
@@ -869,26 +896,7 @@ void atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, 
                         continue;
                     }
                     const uint8_t * row = (const uint8_t *)vx + (size_t)(r0 + rs + r) * bx;
-                    switch (kind) {
-#if defined(ATD_HAVE_AVX512VBMI)
-                        case ATD_MM_K_AVX512_VBMI:
-                            atd_mm_decode_avx512(row, planes, block, kb0, nblk, u, sr);
-                            break;
-#endif
-#if defined(ATD_HAVE_AVX2)
-                        case ATD_MM_K_AVX512:
-                        case ATD_MM_K_AVX2_MAD:
-                        case ATD_MM_K_AVX2_VNNI:
-                        case ATD_MM_K_AVX2_EVEX:
-                            atd_mm_decode_avx2(row, planes, block, kb0, nblk, u, sr, nb - 1);
-                            break;
-#endif
-                        default:
-                            for (int b = 0; b < nblk; ++b) {
-                                atd_mm_decode_ref(row, planes, block, kb0 + b, 1, u + b * block, &sr[b * ATD_MM_MR_MAX]);
-                            }
-                            break;
-                    }
+                    atd_mm_decode_blocks(kind, row, planes, block, nb, kb0, nblk, u, sr);
                 }
                 switch (kind) {
 #if defined(ATD_HAVE_AVX512)
@@ -976,28 +984,7 @@ void atd_mm_decode_row(const void * row, int planes, int block, int nb, int b0, 
     float               sc[ATD_MM_KC / QK_ATD_64 * ATD_MM_MR_MAX];
     const uint8_t *     x = (const uint8_t *)row;
     if (path == ATD_PATH_AUTO || !atd_path_available(path)) path = atd_selected_path();
-    const int kind = atd_mm_kind(path);
-    (void)nb;
-    switch (kind) {
-#if defined(ATD_HAVE_AVX512VBMI)
-        case ATD_MM_K_AVX512_VBMI:
-            atd_mm_decode_avx512(x, planes, block, b0, nblk, buf, sc);
-            break;
-#endif
-#if defined(ATD_HAVE_AVX2)
-        case ATD_MM_K_AVX512:
-        case ATD_MM_K_AVX2_MAD:
-        case ATD_MM_K_AVX2_VNNI:
-        case ATD_MM_K_AVX2_EVEX:
-            atd_mm_decode_avx2(x, planes, block, b0, nblk, buf, sc, nb - 1);
-            break;
-#endif
-        default:
-            for (int b = 0; b < nblk; ++b) {
-                atd_mm_decode_ref(x, planes, block, b0 + b, 1, buf + b * block, &sc[b * ATD_MM_MR_MAX]);
-            }
-            break;
-    }
+    atd_mm_decode_blocks(atd_mm_kind(path), x, planes, block, nb, b0, nblk, buf, sc);
     memcpy(u, buf, (size_t)nblk * block);
     for (int b = 0; b < nblk; ++b) s[b] = sc[b * ATD_MM_MR_MAX];
 }
