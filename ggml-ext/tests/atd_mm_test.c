@@ -22,43 +22,8 @@ void atd_mm_decode_row(const void * row, int planes, int block, int nb, int b0, 
                        int path);
 #define MAX_VARIANTS 3
 
-static int n_pass = 0, n_fail = 0;
-
-#define CHECK(cond, ...)                                             \
-    do {                                                             \
-        if (cond) {                                                  \
-            n_pass++;                                                \
-        } else {                                                     \
-            n_fail++;                                                \
-            if (n_fail <= 30) {                                      \
-                fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-                fprintf(stderr, __VA_ARGS__);                        \
-                fprintf(stderr, "\n");                               \
-            }                                                        \
-        }                                                            \
-    } while (0)
-
-// ---- rng, fp16 ----------------------------------------------------------------------------------
-static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
-static uint64_t rng_u64(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return rng_state;
-}
-static double rng_unif(void) { return (double)(rng_u64() >> 11) * (1.0 / 9007199254740992.0); }
-static double rng_gauss(void) {
-    double u1 = rng_unif(), u2 = rng_unif();
-    if (u1 < 1e-300) u1 = 1e-300;
-    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-}
-static float h2f(uint16_t h) {
-    const int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
-    double    v;
-    if (e == 0) v = ldexp((double)m, -24);
-    else v = ldexp((double)(m | 1024), e - 25);
-    return (float)(s ? -v : v);
-}
+#define ATD_TEST_SEED 0x2545F4914F6CDD1Dull
+#include "atd_test_util.h"
 static uint16_t rand_half(void) {
     const uint32_t r = (uint32_t)(rng_u64() % 16);
     if (r == 0) return 0x0000;                                      // +0
@@ -116,7 +81,7 @@ static uint8_t * make_rows(int N, int B, int n, int nr, int kind, uint16_t * alp
 static void own_decode(const uint16_t * alpha, const uint8_t * codes, int N, int B, int8_t * w, float * s) {
     float a[ATD_MAX_PLANES], A = 0.0f;
     for (int i = 0; i < N; ++i) {
-        a[i] = h2f(alpha[i]);
+        a[i] = (float)h2d(alpha[i]);
         A    = A + fabsf(a[i]);
     }
     if (!(A > 0.0f)) {
@@ -284,11 +249,11 @@ static void test_case(int N, int B, int n, int nr, int nc, int kind, void * scra
             double exact = 0.0, mag = 0.0, bound = 0.0;
             for (int b = 0; b < nb; ++b) {
                 double A = 0.0, xs = 0.0;
-                for (int i = 0; i < N; ++i) A += fabs((double)h2f(t.alpha[((size_t)r * nb + b) * ATD_MAX_PLANES + i]));
+                for (int i = 0; i < N; ++i) A += fabs(h2d(t.alpha[((size_t)r * nb + b) * ATD_MAX_PLANES + i]));
                 for (int e = 0; e < B; ++e) {
                     double wv = 0.0;
                     for (int i = 0; i < N; ++i)
-                        wv += (double)h2f(t.alpha[((size_t)r * nb + b) * ATD_MAX_PLANES + i]) *
+                        wv += h2d(t.alpha[((size_t)r * nb + b) * ATD_MAX_PLANES + i]) *
                               ((int)t.codes[(((size_t)r * nb + b) * ATD_MAX_PLANES + i) * B + e] - 1);
                     const double xv = t.act[(size_t)c * n + b * B + e];
                     exact += wv * xv;
