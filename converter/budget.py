@@ -50,6 +50,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 import gguf_types
+from gguf_types._native import dequantize_rows
 
 from .convert import fits_blocks, keeps_f32, tensor_nbytes
 from .llama import EMBEDDINGS, LINEAR_WEIGHT
@@ -239,7 +240,10 @@ def default_roundtrip(qtype: QT, rows: np.ndarray, importance: np.ndarray | None
     """Encode as the converter does (ATD: grid fit with the imatrix; stock: gguf.quants) and decode."""
     if gguf_types.is_atd_type_id(qtype):
         atype = gguf_types.atd_type(int(qtype))
-        return gguf_types.dequantize(gguf_types.quantize(rows, atype, importance=importance), atype)
+        data = gguf_types.quantize(rows, atype, importance=importance)
+        if gguf_types.native_available():  # our own fit's bytes: the C decoder, bit-exact with the reference
+            return dequantize_rows(data, atype).reshape(rows.shape)
+        return gguf_types.dequantize(data, atype)
     if qtype == QT.F32:
         return rows
     return gguf.quants.dequantize(gguf.quants.quantize(rows, qtype), qtype).reshape(rows.shape)
@@ -364,12 +368,9 @@ RowWeightsFor = Callable[[str], "np.ndarray | None"]
 
 def sampled_source_rows(source) -> np.ndarray:
     """The sample_rows() of a converter.llama.SourceTensor (in its GGUF row order), reading only those
-    rows from the checkpoint, or the whole tensor when its rows load in groups (rope heads)."""
+    rows from the checkpoint."""
     rows, cols = source.shape[0], int(np.prod(source.shape[1:], dtype=np.int64))
-    idx = sample_rows(rows, cols)
-    if source.row_group > 1 or idx.size == rows:
-        return source.load().reshape(rows, cols)[idx]
-    return np.concatenate([source.load_rows(int(i), int(i) + 1).reshape(1, cols) for i in idx])
+    return source.load_row_indices(sample_rows(rows, cols)).reshape(-1, cols)
 
 
 def estimate_sources(sources, *, types_for: Callable[[str, tuple[int, ...]], Sequence[QT]] = candidate_types,

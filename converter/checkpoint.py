@@ -68,13 +68,32 @@ class TensorRef:
         raw = np.memmap(rng.filename, mode="r", dtype=dtype, offset=rng.offset + start * row_bytes,
                         shape=((stop - start) * row_bytes // dtype.itemsize,))
         try:
-            if self.dtype == "BF16":
-                out = (raw.astype(np.uint32) << 16).view(np.float32)
-            else:
-                out = raw.astype(np.float32)
+            out = self._to_float32(raw)
         finally:
             del raw
         return out.reshape((stop - start, *row_shape)) if self.shape else out
+
+    def load_row_indices(self, rows: np.ndarray) -> np.ndarray:
+        """The rows at the given indices (along the first dimension) as float32, in that order, from one
+        mapping of the tensor: only the pages of those rows are read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        row_shape = self.shape[1:]
+        dtype = np.dtype(_DTYPES[self.dtype])
+        rng = self.local.data_range
+        raw = np.memmap(rng.filename, mode="r", dtype=dtype, offset=rng.offset,
+                        shape=(self.shape[0], math.prod(row_shape)))
+        try:
+            out = self._to_float32(raw[rows])
+        finally:
+            del raw
+        return out.reshape((rows.size, *row_shape))
+
+    def _to_float32(self, raw: np.ndarray) -> np.ndarray:
+        if self.dtype == "BF16":  # bf16 is the top half of a float32
+            out = raw.astype(np.uint32)
+            out <<= 16
+            return out.view(np.float32)
+        return raw.astype(np.float32)
 
 
 class Checkpoint:

@@ -205,6 +205,23 @@ class SourceTensor:
         data = self.ref.load_rows(start, stop)
         return permute_qk(data, (stop - start) // self.row_group) if self.permute_heads else data
 
+    def load_row_indices(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of load() at the given indices, reading only those rows (any row, rope heads too)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.values is not None or len(self.shape) < 2 or self.ref is None:
+            return self.load()[rows]
+        return self.ref.load_row_indices(self.source_rows(rows))
+
+    def source_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The checkpoint rows of the given rows of load(): permute_qk moves row s * half + j of a head
+        (s = 0, 1; j < half) to 2 * j + s."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.permute_heads:
+            return rows
+        head_rows = self.row_group
+        head, r = np.divmod(rows, head_rows)
+        return head * head_rows + (r % 2) * (head_rows // 2) + r // 2
+
 
 class LlamaModel:
     def __init__(self, checkpoint: Checkpoint):

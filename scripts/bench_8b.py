@@ -23,9 +23,12 @@ covers the process and the children it waited for):
 T is 4GB for the 32-layer 8B shape and a real 8B (8.03 B weights); other shapes get the same bits per
 weight (4 GB × weights / 8.03 B) unless --target-size is given. Then the issue's "done when" is checked
 and printed. Before a step that needs more disk or memory than there is, one line says what is missing
-and the step is skipped. Intermediates are deleted when no later step needs them (the --planes and
-calibrated files after measuring, the F16 GGUF after quantizing, a checkpoint this run generated after
-llama.cpp's converter read it; everything at the end) unless --keep: a 32-layer run peaks at about
+and the step is skipped. Before each conversion step its input (the checkpoint, or the F16 GGUF for
+llama-quantize) is read once, untimed, so that every step finds it in the page cache as far as memory
+allows: the steps are compared on conversion work, not on what an earlier step left cached.
+Intermediates are deleted when no later step needs them (the --planes and calibrated files after
+measuring, the F16 GGUF after quantizing, a checkpoint this run generated after llama.cpp's converter
+read it; everything at the end) unless --keep: a 32-layer run peaks at about
 36 GB of disk (checkpoint 16 + F16 16 + the 4 GB file), 45 GB when the checkpoint was already there (a
 checkpoint this run did not generate is never deleted: it then still holds 16 GB while Q4_K_M and Q3_K_M
 are written).
@@ -291,10 +294,13 @@ class Bench:
 
     # -- running one measured step
 
-    def run_step(self, step: Step, disk: int = 0, memory: int = 0, stdout: Path | None = None) -> Step:
+    def run_step(self, step: Step, disk: int = 0, memory: int = 0, stdout: Path | None = None,
+                 reads: Path | None = None) -> Step:
         reason = self.missing(disk, memory)
         if reason:
             return self.skip(step, reason)
+        if reads is not None:
+            warm_page_cache(reads)
         self.commands.append(show(step.cmd))
         log(f"{step.label}: {show(step.cmd)}")
         m = measure(step.cmd, self.logs / f"{step.key}.log", stdout)
@@ -366,7 +372,8 @@ class Bench:
         out = self.work / f"{self.info.path.name}-ATD-{size_arg(self.target)}.gguf"
         step = Step("atd_target", f"atd-gguf --target-size {size_arg(self.target)}",
                     self.atd_cmd(out, "--target-size", size_arg(self.target)), out)
-        return self.run_step(step, disk=self.target, memory=self.info.largest_f32 + CONVERT_RSS_HEADROOM)
+        return self.run_step(step, disk=self.target, memory=self.info.largest_f32 + CONVERT_RSS_HEADROOM,
+                             reads=self.info.path)
 
     def atd_planes(self, planes: int) -> Step:
         out = self.work / f"{self.info.path.name}-ATD{planes}.gguf"
@@ -375,7 +382,7 @@ class Bench:
         if "planes" in self.skips:
             return self.skip(step, "not asked for (--skip planes)", asked=True)
         self.run_step(step, disk=atd_planes_bytes(self.info, planes),
-                      memory=self.info.largest_f32 + CONVERT_RSS_HEADROOM)
+                      memory=self.info.largest_f32 + CONVERT_RSS_HEADROOM, reads=self.info.path)
         self.discard(out)
         return step
 
@@ -389,7 +396,7 @@ class Bench:
         text = calibration_text(self.work)
         step.cmd = self.atd_cmd(out, "--target-size", size_arg(self.target), "--calibration", str(text),
                                 "--calibration-chunks", str(chunks), "--calibration-ctx", str(ctx))
-        self.run_step(step, disk=self.target, memory=calibration_memory(self.info, chunks * ctx))
+        self.run_step(step, disk=self.target, memory=calibration_memory(self.info, chunks * ctx), reads=self.info.path)
         if step.ok:
             step.extra["seconds_per_layer"] = step.seconds / max(self.info.n_layers, 1)
         self.discard(out)
@@ -408,7 +415,7 @@ class Bench:
         step.cmd = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(self.info.path),
                     "--outfile", str(out), "--outtype", "f16"]
         f16_bytes = 2 * self.info.n_params
-        return self.run_step(step, disk=f16_bytes, memory=2 * self.info.largest_f32 + GB)
+        return self.run_step(step, disk=f16_bytes, memory=2 * self.info.largest_f32 + GB, reads=self.info.path)
 
     def quantize(self, ftype: str) -> Step:
         f16 = self.steps.get("f16")
@@ -420,7 +427,8 @@ class Bench:
         if not tool.is_file():
             return self.skip(step, f"{show_path(tool)} is missing (run `make llama`)")
         step.cmd = [str(tool), str(f16.output), str(out), ftype, str(self.args.threads)]
-        return self.run_step(step, disk=stock_bytes(self.info, ftype), memory=2 * self.info.largest_f32 + GB // 2)
+        return self.run_step(step, disk=stock_bytes(self.info, ftype), memory=2 * self.info.largest_f32 + GB // 2,
+                             reads=f16.output)
 
     # -- 5, 6. the patched llama.cpp
 
@@ -650,7 +658,8 @@ class Report:
             f"Machine: {machine_line(self.b)}.",
             "",
             "Generated by `" + " ".join(["scripts/bench_8b.py", *map(shlex.quote, self.b.args.argv)]) + "` in one run: "
-            "every step is its own subprocess, timed wall-clock; peak RSS is its `ru_maxrss` from wait4 "
+            "every step is its own subprocess, timed wall-clock, its input read once beforehand (untimed) so "
+            "that it starts from the page cache; peak RSS is its `ru_maxrss` from wait4 "
             "(the process and the children it waited for; memory-mapped file pages count once touched, "
             "as llama.cpp's tools map their input). GB = 10⁹ bytes. Throughput is all checkpoint "
             "weights / wall time. Random weights: sizes, times and memory are those of a real 8B; text "
@@ -822,6 +831,19 @@ def parse_llama_bench(text: str, files: dict[str, Path]) -> dict[str, dict[str, 
         name = by_path.get(r["model_filename"], Path(r["model_filename"]).name)
         rows.setdefault(name, {})[test] = (r["avg_ts"], r["stddev_ts"])
     return rows
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read a checkpoint directory's weights (or one file) once, untimed, so that every conversion step
+    starts with its input in the page cache (as far as memory allows) and measures conversion, not the disk."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    buf = bytearray(16 << 20)
+    start, total = time.perf_counter(), 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                total += n
+    log(f"  (page cache: read {gb(total)} GB of {path.name} in {time.perf_counter() - start:.1f} s, untimed)")
 
 
 def cli_generated_text(out: str, prompt: str) -> str:

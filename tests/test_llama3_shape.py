@@ -243,6 +243,27 @@ def test_atd_gguf_convert_f16(model_dir: Path, tmp_path: Path):
     assert "22 tensors" in output and (tmp_path / "tiny-f16.gguf").is_file()
 
 
+def test_row_index_reads_equal_the_full_tensor(model_dir: Path):
+    """The size plan's row sample (bf16, rope-permuted attn_q/attn_k with GQA) reads single rows: they
+    equal the rows of the whole tensor as the converter writes it (checked against llama.cpp below)."""
+    from converter import budget
+    from converter.checkpoint import Checkpoint
+    from converter.llama import LlamaModel
+
+    rng = np.random.default_rng(0)
+    seen = set()
+    for source in LlamaModel(Checkpoint(model_dir)).tensors():
+        if len(source.shape) != 2:
+            continue
+        seen.add(source.name.split(".")[-2])
+        full = source.load()
+        idx = np.concatenate([budget.sample_rows(*source.shape), rng.integers(0, source.shape[0], 7),
+                              [source.shape[0] - 1, 0]])
+        assert np.array_equal(source.load_row_indices(idx), full[idx]), source.name
+        assert np.array_equal(budget.sampled_source_rows(source), full[budget.sample_rows(*source.shape)])
+    assert {"attn_q", "attn_k", "attn_v", "ffn_down", "token_embd", "output"} <= seen
+
+
 @pytest.mark.slow
 def test_same_gguf_as_llama_cpp_converter(model_dir: Path, reference_gguf, tmp_path: Path):
     """llama.cpp's convert_hf_to_gguf.py takes the checkpoint too, and writes the same file."""
