@@ -732,7 +732,7 @@ class Report:
             return None
         rows = ["## Running (patched llama.cpp)", "",
                 f"`llama-bench -p 512 -n 128 -t {self.b.args.threads} -r {self.b.args.repetitions}` (tokens/s ± "
-                f"stddev, one invocation) and `llama-cli -c {CLI_CTX} -n 16 --no-warmup {self.b.args.cli_args}` (peak "
+                f"stddev, one invocation) and `{' '.join(['llama-cli -c', str(CLI_CTX), '-n 16 --no-warmup', *shlex.split(self.b.args.cli_args)])}` (peak "
                 "RSS; the model is memory-mapped with MAP_POPULATE, so every page of the file counts; buffers: "
                 "what llama.cpp reports: the mapped weights, weights repacked into a copy (`repack`, e.g. "
                 "Q4_0/Q4_K/Q8_0 for the AVX kernels: counted twice until the mapping's pages are dropped), the "
