@@ -30,7 +30,6 @@ THREADS = "1"  # 2-core CI: one thread per process keeps ggml's spinning threads
 QUESTION = "What is the capital of Germany?"
 N_PREDICT = 24
 START_TIMEOUT_S = 180
-STOP_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +39,12 @@ def atd3_gguf(tmp_path_factory, smollm2_dir) -> Path:
 
 def start_serve(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     """`atd-gguf serve MODEL --port 0 ...` in a subprocess; returns it and the URL it printed."""
+    # SIGINT as a terminal has it: a suite started in the background by a shell without job control
+    # inherits SIGINT ignored, and Python then keeps it ignored (Ctrl-C would do nothing)
     proc = subprocess.Popen([sys.executable, "-m", "converter.cli", "serve", str(model), "--port", "0",
                              "--parallel", "2", "-c", "1024", "-t", THREADS, *extra],
                             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 1.0)
@@ -177,9 +178,7 @@ def test_signal_stops_server_and_child(atd3_gguf, stop_signal):
     try:
         child = llama_server_child(proc)
         proc.send_signal(stop_signal)
-        # a hang guard, not a speed bound: stopping is SIGTERM, then SIGKILL after STOP_GRACE_S (10 s); in one
-        # full-suite run (SIGINT) the exit came after more than 30 s, yet with 0; alone it takes about 3 s
-        assert proc.wait(timeout=STOP_TIMEOUT_S) == 0
+        assert proc.wait(timeout=30) == 0
         assert "stopped" in proc.stderr.read()
         assert not child.is_running()
         assert not accepts_connections(url)
