@@ -50,7 +50,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 import gguf_types
-from gguf_types._native import dequantize_rows
 
 from .convert import fits_blocks, keeps_f32, tensor_nbytes
 from .llama import EMBEDDINGS, LINEAR_WEIGHT
@@ -240,10 +239,7 @@ def default_roundtrip(qtype: QT, rows: np.ndarray, importance: np.ndarray | None
     """Encode as the converter does (ATD: grid fit with the imatrix; stock: gguf.quants) and decode."""
     if gguf_types.is_atd_type_id(qtype):
         atype = gguf_types.atd_type(int(qtype))
-        data = gguf_types.quantize(rows, atype, importance=importance)
-        if gguf_types.native_available():  # our own fit's bytes: the C decoder, bit-exact with the reference
-            return dequantize_rows(data, atype).reshape(rows.shape)
-        return gguf_types.dequantize(data, atype)
+        return gguf_types.dequantize_fast(gguf_types.quantize(rows, atype, importance=importance), atype)
     if qtype == QT.F32:
         return rows
     return gguf.quants.dequantize(gguf.quants.quantize(rows, qtype), qtype).reshape(rows.shape)

@@ -59,34 +59,26 @@ class TensorRef:
         return self.load_rows(0, self.shape[0] if self.shape else 1).reshape(self.shape)
 
     def load_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1 (along the first dimension) as float32. Only their bytes are mapped, and
-        the mapping is dropped on return, so reading a large tensor in row chunks keeps memory at a chunk."""
-        row_shape = self.shape[1:]
-        dtype = np.dtype(_DTYPES[self.dtype])
-        row_bytes = math.prod(row_shape) * dtype.itemsize
-        rng = self.local.data_range
-        raw = np.memmap(rng.filename, mode="r", dtype=dtype, offset=rng.offset + start * row_bytes,
-                        shape=((stop - start) * row_bytes // dtype.itemsize,))
-        try:
-            out = self._to_float32(raw)
-        finally:
-            del raw
-        return out.reshape((stop - start, *row_shape)) if self.shape else out
+        """Rows start..stop-1 (along the first dimension) as float32. Only their pages are read, and the
+        mapping is dropped on return, so reading a large tensor in row chunks keeps memory at a chunk."""
+        return self._read(slice(start, stop))
 
     def load_row_indices(self, rows: np.ndarray) -> np.ndarray:
-        """The rows at the given indices (along the first dimension) as float32, in that order, from one
-        mapping of the tensor: only the pages of those rows are read."""
-        rows = np.asarray(rows, dtype=np.int64)
+        """The rows at the given indices (along the first dimension) as float32, in that order; only
+        the pages of those rows are read."""
+        return self._read(np.asarray(rows, dtype=np.int64))
+
+    def _read(self, select: slice | np.ndarray) -> np.ndarray:
+        """The rows `select` picks along the first dimension, from one mapping of the tensor."""
         row_shape = self.shape[1:]
-        dtype = np.dtype(_DTYPES[self.dtype])
         rng = self.local.data_range
-        raw = np.memmap(rng.filename, mode="r", dtype=dtype, offset=rng.offset,
-                        shape=(self.shape[0], math.prod(row_shape)))
+        raw = np.memmap(rng.filename, mode="r", dtype=np.dtype(_DTYPES[self.dtype]), offset=rng.offset,
+                        shape=(self.shape[0] if self.shape else 1, math.prod(row_shape)))
         try:
-            out = self._to_float32(raw[rows])
+            out = self._to_float32(raw[select])
         finally:
             del raw
-        return out.reshape((rows.size, *row_shape))
+        return out.reshape((-1, *row_shape)) if self.shape else out.reshape(-1)
 
     def _to_float32(self, raw: np.ndarray) -> np.ndarray:
         if self.dtype == "BF16":  # bf16 is the top half of a float32

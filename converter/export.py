@@ -48,14 +48,7 @@ def reconstruct(tensor: gguf.ReaderTensor) -> np.ndarray:
     data = np.asarray(tensor.data, dtype=np.uint8)
     rows = data.reshape(-1, data.shape[-1])
     try:
-        if gguf_types.native_available():
-            from gguf_types import _native
-
-            if not _native.validate_rows(rows, atype):
-                raise ValueError("invalid trit code 3 or non-finite scale")
-            values = _native.dequantize_rows(rows, atype)
-        else:
-            values = gguf_types.dequantize(rows, atype)
+        values = gguf_types.dequantize_fast(rows, atype)
     except ValueError as e:
         raise AtdError(f"tensor {tensor.name}: invalid {atype.name} data ({e})") from None
     if not np.isfinite(values).all():

@@ -310,3 +310,16 @@ def dequantize(data: np.ndarray, atype: "AtdType | str | int") -> np.ndarray:
     nbpr = nbytes // t.type_size
     y = dequantize_blocks(data.reshape(rows * nbpr, t.type_size), t)
     return y.reshape(rows, nbpr * t.block_size)
+
+
+def dequantize_fast(data: np.ndarray, atype: "AtdType | str | int") -> np.ndarray:
+    """dequantize() for bulk data: the C validator and decoder when the extension is built (bit-exact
+    with dequantize(), tests/test_ggml_ext.py), else dequantize(); invalid data goes to dequantize()
+    too, which raises ValueError naming the problem."""
+    t = atd_type(atype)
+    data = _as_byte_rows(data)
+    from . import _native
+
+    if _native.native_available() and data.shape[-1] % t.type_size == 0 and _native.validate_rows(data, t):
+        return _native.dequantize_rows(data, t)
+    return dequantize(data, t)

@@ -169,17 +169,23 @@ def test_unpack_rejects_malformed_blocks():
         G.unpack_blocks(bad)
     with pytest.raises(ValueError):
         G.dequantize(bad, G.atd_type("ATD2"))
+    with pytest.raises(ValueError, match="canonical"):
+        G.dequantize_fast(bad, "ATD2")
     assert "canonical" in G.validate_blocks(bad, "ATD2")
     bad = data.copy()
     bad[0, 4 + 52 + 50] = _spec_byte([1, 1, 1, 1, 2])  # byte 50 of plane 1: its last digit is element 258
     with pytest.raises(ValueError, match="padding"):
         G.unpack_blocks(bad)
+    with pytest.raises(ValueError, match="padding"):
+        G.dequantize_fast(bad, "ATD2")
     assert "padding" in G.validate_blocks(bad, "ATD2")
     bad = data.copy()
     bad[0, 2:4] = np.array([np.inf], dtype="<f2").view(np.uint8)
     assert "non-finite" in G.validate_blocks(bad, "ATD2")
     with pytest.raises(ValueError, match="non-finite"):
         G.dequantize(bad, "ATD2")
+    with pytest.raises(ValueError, match="non-finite"):
+        G.dequantize_fast(bad, "ATD2")
     assert G.validate_blocks(data, "ATD2") is None
 
 
@@ -212,6 +218,8 @@ def test_dequantize_closed_form(n, b):
                 acc = np.float32(acc + np.float32(scales[blk, i]) * np.float32(trits[blk, i, j]))
             expect[blk, j] = acc
     assert np.array_equal(y.view(np.uint32), expect.reshape(rows, -1).view(np.uint32))
+    fast = G.dequantize_fast(data, _type(n, b))  # the C decoder where built
+    assert np.array_equal(fast.view(np.uint32), expect.reshape(rows, -1).view(np.uint32))
 
 
 # ----------------------------------------------------------------------------- fit quality
