@@ -799,7 +799,8 @@ static void atd_mm_kernel_neon(const uint8_t * tile, const float * s, int nrows,
 
 
 // which machinery a path uses: tile rows, decoder and microkernel
-// (the AVX-512 microkernel with the VBMI decoder, or with the AVX2 one: the path's dot variant 2 / 1)
+// (the AVX-512 microkernel with the VBMI decoder, or with the AVX2 one: the path's dot variant 2 or 3 / 1;
+// a tile is decoded once for many activation rows, so the GFNI fields of variant 3 are not used here)
 enum { ATD_MM_K_SCALAR, ATD_MM_K_AVX2_MAD, ATD_MM_K_AVX2_VNNI, ATD_MM_K_AVX2_EVEX, ATD_MM_K_AVX512, ATD_MM_K_AVX512_VBMI,
        ATD_MM_K_NEON };
 
@@ -808,7 +809,7 @@ static int atd_mm_kind(int path) {
 #if defined(ATD_HAVE_AVX512)
         case ATD_PATH_AVX512:
 #if defined(ATD_HAVE_AVX512VBMI)
-            if (atd_dot_variant_of(ATD_PATH_AVX512) == 2) return ATD_MM_K_AVX512_VBMI;
+            if (atd_dot_variant_of(ATD_PATH_AVX512) >= 2) return ATD_MM_K_AVX512_VBMI;
 #endif
             return ATD_MM_K_AVX512;
 #endif

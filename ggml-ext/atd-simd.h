@@ -29,6 +29,9 @@
 #define ATD_HAVE_AVX512 1
 #if defined(__AVX512VBMI__)
 #define ATD_HAVE_AVX512VBMI 1
+#if defined(__GFNI__)
+#define ATD_HAVE_AVX512GFNI 1
+#endif
 #endif
 #endif
 #endif
@@ -36,6 +39,7 @@
 #define ATD_TARGET_AVXVNNI
 #define ATD_TARGET_AVX512
 #define ATD_TARGET_AVX512VBMI
+#define ATD_TARGET_AVX512GFNI
 #elif defined(ATD_X86) && (defined(__GNUC__) || defined(__clang__))
 #define ATD_RUNTIME_DISPATCH 1
 #define ATD_HAVE_AVX2    1
@@ -44,11 +48,14 @@
 #endif
 #define ATD_HAVE_AVX512  1
 #define ATD_HAVE_AVX512VBMI 1
+#define ATD_HAVE_AVX512GFNI 1
 #define ATD_TARGET_AVX2    __attribute__((target("avx2,fma,f16c")))
 #define ATD_TARGET_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 #define ATD_TARGET_AVX512  __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define ATD_TARGET_AVX512VBMI \
     __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+#define ATD_TARGET_AVX512GFNI \
+    __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,gfni")))
 #else
 #define ATD_RUNTIME_DISPATCH 0
 #endif
@@ -91,7 +98,7 @@
 #define ATD_INC(v)      ((v)++)
 #endif
 
-// from atd-dot.c: CPU feature probe ("avx2", "avx512", "avx512vbmi", "avxvnni"; 1 = compiled in ggml
+// from atd-dot.c: CPU feature probe ("avx2", "avx512", "avx512vbmi", "gfni", "avxvnni"; 1 = compiled in ggml
 // builds), the variant a path runs (the forced one, else the best), and exact fp16 -> fp32
 int   atd_cpu_has(const char * feature);
 int   atd_dot_variant_of(int path);
@@ -110,18 +117,39 @@ ATD_TARGET_AVX512VBMI ATD_INLINE void atd_tables512_lut(__m512i * tab) {
     }
 }
 
+// the 256-entry table of tab[t0..t0+3] at the bytes of P: vpermi2b on the low 7 bits, the top bit picks
+ATD_TARGET_AVX512VBMI ATD_INLINE __m512i atd_lookup512(__m512i P, __mmask64 top, const __m512i * tab) {
+    return _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[0], P, tab[1]), top,
+                                _mm512_permutex2var_epi8(tab[2], P, tab[3]));
+}
+
 // the codes of digits 0..4 of the 64 bytes of P (lut decoder); tab: the two tables
 // (atd_lut_c0123, atd_lut_c4) in 8 zmm
 ATD_TARGET_AVX512VBMI ATD_INLINE void atd_codes512_lut(__m512i P, const __m512i * tab, __m512i * c) {
     const __mmask64 top   = _mm512_movepi8_mask(P);
     const __m512i   three = _mm512_set1_epi8(3);
-    const __m512i   u     = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[0], P, tab[1]), top,
-                                                 _mm512_permutex2var_epi8(tab[2], P, tab[3]));
-    c[4] = _mm512_mask_mov_epi8(_mm512_permutex2var_epi8(tab[4], P, tab[5]), top,
-                                _mm512_permutex2var_epi8(tab[6], P, tab[7]));
+    const __m512i   u     = atd_lookup512(P, top, tab);
+    c[4] = atd_lookup512(P, top, tab + 4);
     c[0] = _mm512_and_si512(u, three);
     c[1] = _mm512_and_si512(_mm512_srli_epi16(u, 2), three);
     c[2] = _mm512_and_si512(_mm512_srli_epi16(u, 4), three);
     c[3] = _mm512_and_si512(_mm512_srli_epi16(u, 6), three);
+}
+#endif
+
+#if defined(ATD_HAVE_AVX512GFNI)
+#define atd_tables512_gfni atd_tables512_lut
+
+// the lut decoder with one GF(2) affine map per 2-bit field instead of a shift and an and: output bits
+// 0 and 1 of a byte are input bits 2k and 2k + 1 (matrix row 7 - i makes output bit i)
+ATD_TARGET_AVX512GFNI ATD_INLINE void atd_codes512_gfni(__m512i P, const __m512i * tab, __m512i * c) {
+    const __mmask64 top = _mm512_movepi8_mask(P);
+    const __m512i   u   = atd_lookup512(P, top, tab);
+    c[4] = atd_lookup512(P, top, tab + 4);
+    c[0] = _mm512_and_si512(u, _mm512_set1_epi8(3));
+    ATD_UNROLL for (int k = 1; k < 4; ++k) {
+        const uint64_t field = (1ull << (2 * k) << 56) | (1ull << (2 * k + 1) << 48);
+        c[k] = _mm512_gf2p8affine_epi64_epi8(u, _mm512_set1_epi64((long long)field), 0);
+    }
 }
 #endif

@@ -59,7 +59,8 @@ V1_COMMIT = "fee6ba8"
 PATH_SCALAR, PATH_AVX2, PATH_AVX512, PATH_NEON = 1, 2, 3, 4
 PATH_NAMES = {PATH_SCALAR: "scalar", PATH_AVX2: "AVX2", PATH_AVX512: "AVX-512", PATH_NEON: "NEON"}
 VARIANT_NAMES = {(PATH_AVX2, 1): "maddubs", (PATH_AVX2, 2): "AVX-VNNI", (PATH_AVX2, 3): "VL-VNNI ymm",
-                 (PATH_AVX512, 1): "mulhi decoder", (PATH_AVX512, 2): "VBMI tables"}
+                 (PATH_AVX512, 1): "mulhi decoder", (PATH_AVX512, 2): "VBMI tables",
+                 (PATH_AVX512, 3): "VBMI tables + GFNI"}
 
 ROW = 4096
 
@@ -248,7 +249,7 @@ class Libs:
 
     def variant(self, path: int) -> str:
         """The variant the path runs by default (AVX2: VNNI where the CPU has it)."""
-        for v in {PATH_AVX2: (2, 3, 1), PATH_AVX512: (2, 1)}.get(path, ()):
+        for v in {PATH_AVX2: (2, 3, 1), PATH_AVX512: (3, 2, 1)}.get(path, ()):
             if self.atd.atd_dot_set_variant(path, v):
                 self.atd.atd_dot_set_variant(path, 0)
                 return VARIANT_NAMES[(path, v)]
@@ -426,10 +427,12 @@ def main() -> int:
                 k = Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block, path=path)
                 measure(name, path, planes, t.bpw, k, scalar=path == PATH_SCALAR)
                 if path == PATH_AVX512 and libs.atd.atd_dot_set_variant(path, 2):
-                    # the mulhi decoder (AVX-512 CPUs without VBMI) next to the default table decoder
-                    libs.atd.atd_dot_set_variant(path, 1)
-                    measure(name, "AVX-512 (mulhi decoder)", planes, t.bpw,
-                            Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block, path=path))
+                    # the decoders of AVX-512 CPUs without GFNI or VBMI next to the default one
+                    for variant in (2, 1) if libs.atd.atd_dot_set_variant(path, 3) else (1,):
+                        libs.atd.atd_dot_set_variant(path, variant)
+                        measure(name, f"AVX-512 ({VARIANT_NAMES[(path, variant)]})", planes, t.bpw,
+                                Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block,
+                                       path=path))
                     libs.atd.atd_dot_set_variant(path, 0)
             if libs.v1 is not None and planes in (2, 3):  # format 1 (2 bits per trit), same run
                 v1_bytes = planes * (2 + block // 4)
@@ -585,7 +588,8 @@ NOTES = """## Notes
   their float parts in one float32x4), which is the scalar loop's order.
 * **Decoding base-3 bytes** (format 2): AVX-512 with VBMI looks the digits up: two 256-entry tables (digits
   0..3 packed in 2-bit fields, and digit 4), each a vpermi2b pair on the low 7 bits blended by the top
-  bit, then a shift and an and per digit. Without VBMI (the "mulhi decoder" rows) a byte b sits in a
+  bit, then a shift and an and per digit (with GFNI, one gf2p8affineqb per digit instead: the default
+  where the CPU has it, "VBMI tables" rows are without). Without VBMI (the "mulhi decoder" rows) a byte b sits in a
   16-bit lane as b << 8: mulhi(lane, 3) is its top digit and lane * 3 moves to the next one. AVX2 with
   vpdpbusd skips decoding for the 256-blocks: with x_{k+1} = 3 x_k mod 256 (two byte adds) the code of
   digit k is (3 x_k - x_{k+1}) / 256, so two vpdpbusd on the raw bytes give the plane sum of a digit.

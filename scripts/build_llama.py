@@ -65,17 +65,26 @@ def pristine_source() -> Path:
     return llama_cpp_source.ensure_source(BUILD)
 
 
-def cpu_flags() -> list[str]:
-    """-DGGML_NATIVE=OFF plus GGML_<feature>=ON/OFF from this CPU's flags (AMX always off)."""
+def cpu_feature_set() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
-        have = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
+        return set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
     except (OSError, AttributeError):
-        have = {"avx", "avx2", "fma", "f16c", "bmi2"}  # not Linux: a conservative x86-64-v3 set
+        return {"avx", "avx2", "fma", "f16c", "bmi2"}  # not Linux: a conservative x86-64-v3 set
+
+
+def cpu_flags() -> list[str]:
+    """-DGGML_NATIVE=OFF plus GGML_<feature>=ON/OFF from this CPU's flags (AMX always off)."""
+    have = cpu_feature_set()
     flags = ["-DGGML_NATIVE=OFF"]
     for option, needs in CPU_FEATURES:
         flags.append(f"-DGGML_{option}={'ON' if all(n in have for n in needs) else 'OFF'}")
     return flags
+
+
+def atd_flags() -> list[str]:
+    """The patch's own options: where ggml-ext is, and GFNI for the ATD kernels (ggml has no GFNI option)."""
+    return [f"-DATD_GGML_EXT_DIR={EXT_DIR}", f"-DATD_GGML_GFNI={'ON' if 'gfni' in cpu_feature_set() else 'OFF'}"]
 
 
 def ensure_ccache() -> None:
@@ -221,7 +230,7 @@ def main() -> None:
         src = PATCHED / "src"
         n = sync_patched_tree(pristine, src)
         log(f"{src}: {'up to date' if n == 0 else f'{n} files written'} (pristine + {PATCH.relative_to(ROOT)})")
-        took = cmake_build(src, PATCHED / "build", [f"-DATD_GGML_EXT_DIR={EXT_DIR}"], PATCHED_TARGETS, args.jobs)
+        took = cmake_build(src, PATCHED / "build", atd_flags(), PATCHED_TARGETS, args.jobs)
         log(f"patched build done in {took:.0f} s: binaries and libllama.so in {PATCHED / 'build' / 'bin'}")
     if args.only in (None, "stock"):
         took = cmake_build(pristine, STOCK / "build", [], STOCK_TARGETS, args.jobs)
