@@ -771,6 +771,15 @@ ATD_TARGET_AVX512 ATD_INLINE __m512i atd_gather4_ins(const uint8_t * blk, size_t
     return _mm512_inserti64x4(_mm512_castsi256_si512(P01), P23, 1);
 }
 
+// the plane scales of the four rows' blocks, for both halves: A[i] = [alpha_i r0..r3 | alpha_i r0..r3]
+ATD_TARGET_AVX512 ATD_INLINE void atd_gemv64_alpha_mul(const __m512i * R, const uint8_t * blk, size_t bx,
+                                                      int planes, __m256 * A) {
+    (void)R;
+    __m128 alpha[ATD_MAX_PLANES];
+    atd_alpha4(blk, bx, 4, alpha);
+    for (int i = 0; i < planes; ++i) A[i] = _mm256_insertf128_ps(_mm256_castps128_ps256(alpha[i]), alpha[i], 1);
+}
+
 #define ATD_GEMV64_ROWS_mul(R, blk, bx, bsz) (void)(R)
 #define ATD_GEMV64_PLANE_mul(R, idx, blk, bx, off) atd_gather4_ins((blk), (bx), (off))
 #if defined(ATD_HAVE_AVX512VBMI)
@@ -784,9 +793,35 @@ ATD_TARGET_AVX512 ATD_INLINE __m512i atd_gather4_ins(const uint8_t * blk, size_t
     _mm512_or_si512(_mm512_maskz_permutex2var_epi8(0x1fff1fffull, (R)[0], (idx), (R)[1]),                   \
                     _mm512_maskz_permutex2var_epi8(0x1fff1fffull << 32, (R)[2], (idx), (R)[3]))
 #endif
+#if defined(ATD_HAVE_AVX512VBMI)
+// word 8i + 4h + r takes word i (alpha_i) of row r: of R[r & 1] in the permute of rows r & 2, r & 2 + 1
+static const ATD_ALIGN64 uint16_t atd_gemv64_alpha_idx[32] = {
+    0, 32, 0, 32, 0, 32, 0, 32, 1, 33, 1, 33, 1, 33, 1, 33, 2, 34, 2, 34, 2, 34, 2, 34, 3, 35, 3, 35, 3, 35, 3, 35,
+};
+// the scales straight from the rows' blocks in R (fp16 word i of R[r]): word 8i + 4h + r of W is
+// alpha_i of row r, for both halves h, from two word permutes; then fp16 -> fp32
+ATD_TARGET_AVX512VBMI ATD_INLINE void atd_gemv64_alpha_lut(const __m512i * R, const uint8_t * blk, size_t bx,
+                                                          int planes, __m256 * A) {
+    (void)blk;
+    (void)bx;
+    const __m512i   idx = _mm512_load_si512((const void *)atd_gemv64_alpha_idx);
+    const __mmask32 r01 = 0x33333333u;  // words of rows 0 and 1
+    const __m512i   W   = _mm512_mask_blend_epi16(r01, _mm512_permutex2var_epi16(R[2], idx, R[3]),
+                                                  _mm512_permutex2var_epi16(R[0], idx, R[1]));
+    const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(W));
+    A[0] = _mm512_castps512_ps256(lo);
+    A[1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lo), 1));
+    if (planes > 2) {
+        const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(W, 1));
+        A[2] = _mm512_castps512_ps256(hi);
+        A[3] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(hi), 1));
+    }
+}
+#endif
 #if defined(ATD_HAVE_AVX512GFNI)
 #define ATD_GEMV64_ROWS_gfni  ATD_GEMV64_ROWS_lut
 #define ATD_GEMV64_PLANE_gfni ATD_GEMV64_PLANE_lut
+#define atd_gemv64_alpha_gfni atd_gemv64_alpha_lut
 #endif
 
 #define ATD_DEFINE_AVX512_GEMV64(DEC, TARGET)                                                                \
@@ -831,20 +866,18 @@ ATD_TARGET_AVX512 ATD_INLINE __m512i atd_gather4_ins(const uint8_t * blk, size_t
                 a[2 * i]     = _mm512_dpbusd_epi32(a0, c[2], o[2]);                                         \
                 a[2 * i + 1] = _mm512_dpbusd_epi32(a1, c[4], o[5]);                                         \
             }                                                                                               \
-            __m128       alpha[ATD_MAX_PLANES];                                                             \
-            atd_alpha4(blk, bx, 4, alpha);                                                                  \
+            __m256 A[ATD_MAX_PLANES];                                                                       \
+            atd_gemv64_alpha_##DEC(R, blk, bx, planes, A);                                                  \
             /* acc = [half 0 | half 1] over the 4 rows: the fma chain over the planes, in plane order */    \
             __m256 acc = _mm256_setzero_ps();                                                               \
             for (int i = 0; i < planes; i += 2) {                                                           \
-                const __m256 a_i = _mm256_insertf128_ps(_mm256_castps128_ps256(alpha[i]), alpha[i], 1);     \
                 if (i + 1 < planes) {                                                                       \
                     const __m512 F = _mm512_cvtepi32_ps(atd_lane_sums4(a[2 * i], a[2 * i + 1], a[2 * i + 2],  \
                                                                        a[2 * i + 3]));                     \
-                    const __m256 a_j = _mm256_insertf128_ps(_mm256_castps128_ps256(alpha[i + 1]), alpha[i + 1], 1); \
-                    acc = _mm256_fmadd_ps(a_i, _mm512_castps512_ps256(F), acc);                             \
-                    acc = _mm256_fmadd_ps(a_j, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(F), 1)), acc); \
+                    acc = _mm256_fmadd_ps(A[i], _mm512_castps512_ps256(F), acc);                            \
+                    acc = _mm256_fmadd_ps(A[i + 1], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(F), 1)), acc); \
                 } else {                                                                                    \
-                    acc = _mm256_fmadd_ps(a_i, _mm256_cvtepi32_ps(atd_lane_sums2(a[2 * i], a[2 * i + 1])), acc); \
+                    acc = _mm256_fmadd_ps(A[i], _mm256_cvtepi32_ps(atd_lane_sums2(a[2 * i], a[2 * i + 1])), acc); \
                 }                                                                                           \
             }                                                                                               \
             const int l = b % ATD_LANES;                                                                    \

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """llama-bench pp512 / tg128 of ATD next to llama.cpp's stock types, on SmolLM2 and a Llama-3-8B shape.
 
-Two models, one llama-bench run each (every file, 1 and 2 threads):
+Two models; per model, llama-bench runs over every file (1 and 2 threads) in --rounds rounds, one after
+another, so that a slow spell of a shared machine touches every type alike:
 
 * `smollm2`: the smollm2-135m-continuous fixture (576 wide: the 64-block ATD family except ffn_down);
 * `llama3-8b`: a Llama-3-8B-shaped checkpoint from scripts/llama3_shape.py (4096 hidden, 14336 FFN, GQA
@@ -19,8 +20,8 @@ measures the bandwidth in the same run (a streaming read of a 1 GiB buffer, 1 an
 
 Needs `make llama`. Writes docs/bench-speed.md.
 
-    .venv/bin/python scripts/bench_speed.py                       # both models, -r 3
-    .venv/bin/python scripts/bench_speed.py --models smollm2 -r 5
+    .venv/bin/python scripts/bench_speed.py                       # both models, 3 rounds of -r 1
+    .venv/bin/python scripts/bench_speed.py --models smollm2 --rounds 5
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +49,8 @@ import gguf_types  # noqa: E402,F401  (registers the ATD types with gguf-py's re
 
 ATD_PLANES = [1, 2, 3]
 STOCK_TYPES = ["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "TQ2_0"]
+# the speed issue's "done when": ATD type vs the stock type it must match, per model
+PAIRS = {"smollm2": ("ATD3", "Q4_K_M"), "llama3-8b": ("ATD2", "Q4_0")}
 SMOLLM2_EXTRA = ["Q8_0"]  # a reference point on the small model
 
 # a streaming read of a large buffer with 1 and 2 threads (GB/s, best of 5 passes)
@@ -145,19 +149,43 @@ def bytes_per_token(path: Path) -> int:
     return total
 
 
-def llama_bench(files: dict[str, Path], threads: list[int], reps: int) -> tuple[dict, float]:
+def llama_bench(files: dict[str, Path], threads: list[int], reps: int, rounds: int) -> tuple[dict, list, float]:
+    """One llama-bench run over every file per round, the rounds one after another: a slow minute on a
+    shared machine then touches every type instead of one. Returns (mean, stddev) over all samples of all
+    rounds, the per-round means, and the seconds taken."""
     bench = bq.need(bq.BIN / "llama-bench", "patched llama-bench")
     cmd = [str(bench), "-m", ",".join(str(p) for p in files.values()), "-p", "512", "-n", "128",
            "-t", ",".join(map(str, threads)), "-r", str(reps), "-o", "json"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"llama-bench failed: {proc.stderr[-2000:]}")
-    speed: dict[tuple[str, str, int], tuple[float, float]] = {}
-    for r in json.loads(proc.stdout):
-        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
-        speed[(Path(r["model_filename"]).name, test, int(r["n_threads"]))] = (r["avg_ts"], r["stddev_ts"])
-    return speed, time.perf_counter() - start
+    samples: dict[tuple[str, str, int], list[float]] = {}
+    per_round: list[dict[tuple[str, str, int], float]] = []
+    for _ in range(rounds):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"llama-bench failed: {proc.stderr[-2000:]}")
+        this_round = {}
+        for r in json.loads(proc.stdout):
+            test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+            key = (Path(r["model_filename"]).name, test, int(r["n_threads"]))
+            samples.setdefault(key, []).extend(r["samples_ts"])
+            this_round[key] = r["avg_ts"]
+        per_round.append(this_round)
+    speed = {key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for key, v in samples.items()}
+    return speed, per_round, time.perf_counter() - start
+
+
+def round_ratios(files: dict[str, Path], per_round: list[dict], pair: tuple[str, str], threads: list[int]) -> list[str]:
+    """The done-when comparison of the speed issue, round by round: pair[0] / pair[1] for pp512 and tg128."""
+    ours, peer = (files[name].name for name in pair)
+    lines = []
+    for t in threads:
+        for test in ("pp512", "tg128"):
+            ratios = [r[(ours, test, t)] / r[(peer, test, t)] for r in per_round
+                      if (ours, test, t) in r and (peer, test, t) in r]
+            if ratios:
+                lines.append(f"* {pair[0]} / {pair[1]}, {test}, {t} thread{'s' if t > 1 else ''}, per round: "
+                             + ", ".join(f"{x:.2f}" for x in ratios) + f" (lowest {min(ratios):.2f})")
+    return lines
 
 
 def table(title: str, files: dict[str, Path], speed: dict, threads: list[int], bw: dict[int, float]) -> list[str]:
@@ -185,7 +213,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", choices=["smollm2", "llama3-8b"], default=["smollm2", "llama3-8b"])
     parser.add_argument("--layers", type=int, default=8, help="decoder layers of the Llama-3-8B shape (default 8)")
     parser.add_argument("-t", "--threads", default="1,2", help="llama-bench thread counts (default 1,2)")
-    parser.add_argument("-r", "--repetitions", type=int, default=3)
+    parser.add_argument("-r", "--repetitions", type=int, default=1, help="llama-bench -r per round (default 1)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="llama-bench runs over all files, one after another (default 3)")
     parser.add_argument("--keep-f16", action="store_true", help="keep the 8B shape's F16 GGUF")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "bench-speed.md")
     args = parser.parse_args()
@@ -207,17 +237,19 @@ def main() -> None:
             files = build_models(f"llama3-8b-L{args.layers}", Path(ckpt), quant_threads, [], True, args.keep_f16)
             title = (f"Llama-3-8B shape, {args.layers} of 32 layers (`scripts/llama3_shape.py --layers {args.layers}`; "
                      "token_embd/output Q8_0 in every file)")
-        speed, took[model] = llama_bench(files, threads, args.repetitions)
+        speed, per_round, took[model] = llama_bench(files, threads, args.repetitions, args.rounds)
         bws.append(bandwidth())
-        sections.append((title, files, speed))
+        sections.append((title, files, speed, round_ratios(files, per_round, PAIRS[model], threads)))
     bw = {t: max(b[t] for b in bws) for t in (1, 2)}
 
     lines = [
         "# Speed: ATD vs llama.cpp's stock types (llama-bench)",
         "",
         f"Generated by `scripts/bench_speed.py`. CPU: {cpu_name()}, {os.cpu_count()} logical CPUs. Patched "
-        f"`llama-bench -p 512 -n 128 -t {args.threads} -r {args.repetitions}`, one run per model "
-        + ", ".join(f"({took[m] / 60:.1f} min)" for m in args.models) + ". Tokens/s ± stddev.",
+        f"`llama-bench -p 512 -n 128 -t {args.threads} -r {args.repetitions}` over all of a model's files, "
+        f"{args.rounds} rounds one after another per model "
+        + ", ".join(f"({took[m] / 60:.1f} min)" for m in args.models)
+        + ". Tokens/s: mean ± stddev over all samples of all rounds.",
         "",
         "Memory bandwidth, a streaming read of a 1 GiB buffer measured before and after each llama-bench run "
         "(best of 5 passes each): "
@@ -227,8 +259,8 @@ def main() -> None:
         "bytes read per token): how close generation runs to the memory limit.",
         "",
     ]
-    for title, files, speed in sections:
-        lines += table(title, files, speed, threads, bw) + [""]
+    for title, files, speed, ratios in sections:
+        lines += table(title, files, speed, threads, bw) + [""] + ratios + [""]
     lines += [f"Load average when the run ended: {os.getloadavg()[0]:.1f} (other jobs may have shared the "
               "machine): compare rows within one run, not across runs."]
     args.doc.write_text("\n".join(lines) + "\n")
