@@ -247,11 +247,13 @@ class Libs:
         lib.atd_quantize_row_q8_K_ref.argtypes = [vp, vp, ctypes.c_int64]
         return lib
 
-    def variant(self, path: int) -> str:
-        """The variant the path runs by default (AVX2: VNNI where the CPU has it)."""
+    def variant(self, path: int, lib=None) -> str:
+        """The variant the path runs by default in lib (default: this tree's kernels; AVX2: VNNI where the
+        CPU has it)."""
+        lib = lib or self.atd
         for v in {PATH_AVX2: (2, 3, 1), PATH_AVX512: (3, 2, 1)}.get(path, ()):
-            if self.atd.atd_dot_set_variant(path, v):
-                self.atd.atd_dot_set_variant(path, 0)
+            if lib.atd_dot_set_variant(path, v):
+                lib.atd_dot_set_variant(path, 0)
                 return VARIANT_NAMES[(path, v)]
         return ""
 
@@ -440,7 +442,8 @@ def main() -> int:
                 for path in simd:
                     k = Kernel(libs, atd_v1_chunk(rng, planes, block, 64), ROW // block * v1_bytes, y1,
                                planes=planes, block=block, path=path, lib=libs.v1)
-                    measure(name + " v1", path, planes, v1_bytes * 8 / block, k)
+                    v = libs.variant(path, libs.v1)  # the format-1 tree has no GFNI variant
+                    measure(name + " v1", PATH_NAMES[path] + (f" ({v})" if v else ""), planes, v1_bytes * 8 / block, k)
 
     batched = measure_batched(libs, rng, paths, quick=args.quick)
     md = report(libs, rows, dram, args) + batched
@@ -589,18 +592,20 @@ NOTES = """## Notes
 * **Decoding base-3 bytes** (format 2): AVX-512 with VBMI looks the digits up: two 256-entry tables (digits
   0..3 packed in 2-bit fields, and digit 4), each a vpermi2b pair on the low 7 bits blended by the top
   bit, then a shift and an and per digit (with GFNI, one gf2p8affineqb per digit instead: the default
-  where the CPU has it, "VBMI tables" rows are without). Without VBMI (the "mulhi decoder" rows) a byte b sits in a
-  16-bit lane as b << 8: mulhi(lane, 3) is its top digit and lane * 3 moves to the next one. AVX2 with
-  vpdpbusd skips decoding for the 256-blocks: with x_{k+1} = 3 x_k mod 256 (two byte adds) the code of
-  digit k is (3 x_k - x_{k+1}) / 256, so two vpdpbusd on the raw bytes give the plane sum of a digit.
+  where the CPU has it; the "VBMI tables" rows are without). Without VBMI (the "mulhi decoder" rows) a
+  byte b sits in a 16-bit lane as b << 8: mulhi(lane, 3) is its top digit and lane * 3 moves to the
+  next one. AVX2 with vpdpbusd skips decoding for the 256-blocks: with x_{k+1} = 3 x_k mod 256 (two
+  byte adds) the code of digit k is (3 x_k - x_{k+1}) / 256, so two vpdpbusd on the raw bytes give the
+  plane sum of a digit.
 * **B = 64** (ATD*_64 against atd_q8_64): the activations come in 64-blocks stored by digit (16 bytes per
   digit, zeros in the lanes no trit meets), with their sum precomputed; AVX-512 decodes four blocks per
   zmm (vec_dot: four consecutive blocks of a row, the activation groups gathered by a 128-bit lane
   transpose; gemv, the path of token generation in the patched llama.cpp: block b of four rows, the
   activations broadcast). A 64-block needs a second vpdpbusd for digit 2 (it straddles the two scales
   per 32) and its own float combination, so its rate per plane stays below the 256-blocks'.
-* **DRAM**: weight rows stream from memory once per token; the kernels prefetch 2 KiB ahead (their
-  masked and unaligned plane loads alone leave the hardware prefetchers behind). Rows near the highest
+* **DRAM**: weight rows stream from memory once per token; vec_dot prefetches 2 KiB ahead, the gemv
+  kernels the same block 8 rows later (their masked and unaligned plane loads alone leave the hardware
+  prefetchers behind; docs/llama-plugin.md). Rows near the highest
   GB/s in the table are memory-bound; DRAM bandwidth is shared with whatever else runs on the machine,
   so DRAM columns are noisier than in-cache ones.
 * The TQ1_0 row's own "vs TQ1_0" (the kernel paired with itself) shows the measurement noise.

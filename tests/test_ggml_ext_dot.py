@@ -74,7 +74,7 @@ def atd():
 
     ffi2 = cffi.FFI()
     wrappers = [f"atd{n}_q8_K" for n in range(1, 5)] + [f"atd{n}_64_atd_q8_64" for n in range(1, 5)]
-    ffi2.cdef("int atd_dot_set_variant(int path, int variant);\n" + "".join(
+    ffi2.cdef("int atd_dot_set_variant(int path, int variant);\nint atd_dot_variant_of(int path);\n" + "".join(
         f"void ggml_vec_dot_{w}(int n, float * s, size_t bs, const void * vx, size_t bx, "
         f"const void * vy, size_t by, int nrc);\n" for w in wrappers))
     lib2 = ffi2.dlopen(_atd_c.__file__)
@@ -249,6 +249,19 @@ def test_simd_paths_available_where_the_cpu_has_them(atd):
     for p in expected:
         assert lib.atd_path_available(p), f"{PATH_NAMES[p]} not available on a CPU with {PATH_NAMES[p]}"
     assert lib.atd_selected_path() == max(expected), "dispatch does not pick the best path"
+
+
+def test_avx512_runs_the_best_decoder_the_cpu_has(atd):
+    """Variant 3 (VBMI tables + GFNI fields) where the CPU has both, else 2 (VBMI), else 1 (mulhi)."""
+    lib, _, lib2, _ = atd
+    if not lib.atd_path_available(PATH_AVX512):
+        pytest.skip("no AVX-512 path on this CPU")
+    flags = _cpu_flags()
+    expected = 3 if {"avx512vbmi", "gfni"} <= flags else 2 if "avx512vbmi" in flags else 1
+    lib2.atd_dot_set_variant(PATH_AVX512, 0)
+    assert lib2.atd_dot_variant_of(PATH_AVX512) == expected
+    assert all(lib2.atd_dot_set_variant(PATH_AVX512, v) for v in range(1, expected + 1))
+    lib2.atd_dot_set_variant(PATH_AVX512, 0)
 
 
 def test_simd_paths_are_faster_than_scalar(atd):

@@ -602,3 +602,25 @@ def test_batched_matmul_in_ggml(tools, tmp_path):
         calls1b, _, y1b = _run_mm(tools, model, name, 1, tmp_path / "h", batched=False)
         assert calls1 == 0 and calls1b == 0, name
         np.testing.assert_array_equal(y1.view(np.uint32), y1b.view(np.uint32), err_msg=name)
+
+
+def test_patched_ggml_has_the_decoders_this_cpu_has():
+    """The patched ggml-cpu is built from /proc/cpuinfo (scripts/build_llama.py): with AVX-512 VNNI + VBMI
+    it has the table decoder, and with GFNI too (-DATD_GGML_GFNI=ON: ggml has no GFNI option) the GFNI
+    one, the fastest (variant 3); a CPU without them gets neither compiled in."""
+    lib = _build("patched") / "build" / "bin" / "libggml-cpu.so"
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) not installed")
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no x86 /proc/cpuinfo flags")
+    symbols = subprocess.run([nm, str(lib)], capture_output=True, text=True, check=True).stdout
+    if "atd_vec_dot_avx512_mul" not in symbols and "avx512_vnni" in flags:
+        pytest.skip("libggml-cpu.so has no symbol table (stripped)")
+    avx512 = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512_vnni"} <= flags
+    assert ("atd_vec_dot_avx512_lut" in symbols) == (avx512 and "avx512vbmi" in flags)
+    assert ("atd_vec_dot_avx512_gfni" in symbols) == (avx512 and {"avx512vbmi", "gfni"} <= flags)
+    assert ("atd_gemv256_avx512_gfni" in symbols) == (avx512 and {"avx512vbmi", "gfni"} <= flags)
