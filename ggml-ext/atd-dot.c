@@ -794,7 +794,8 @@ ATD_TARGET_AVX512 ATD_INLINE void atd_gemv64_alpha_mul(const __m512i * R, const 
                     _mm512_maskz_permutex2var_epi8(0x1fff1fffull << 32, (R)[2], (idx), (R)[3]))
 #endif
 #if defined(ATD_HAVE_AVX512VBMI)
-// word 8i + 4h + r takes word i (alpha_i) of row r: of R[r & 1] in the permute of rows r & 2, r & 2 + 1
+// word 8i + 4h + r of W takes word i (alpha_i) of row r's block: index i, + 32 for rows 1 and 3 (the second
+// table of the pairs R[0], R[1] and R[2], R[3])
 static const ATD_ALIGN64 uint16_t atd_gemv64_alpha_idx[32] = {
     0, 32, 0, 32, 0, 32, 0, 32, 1, 33, 1, 33, 1, 33, 1, 33, 2, 34, 2, 34, 2, 34, 2, 34, 3, 35, 3, 35, 3, 35, 3, 35,
 };
