@@ -1344,6 +1344,12 @@ void atd_vec_dot(int n, float * s, const void * vx, const void * vy, int planes,
     f(n, s, vx, vy, planes, block);
 }
 
+#if defined(ATD_HAVE_AVX512)
+typedef void (*atd_gemv256_fn)(int n, const uint8_t * x, size_t bx, const block_q8_K * y, float * out, int planes);
+typedef void (*atd_gemv64_fn)(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y, float * out,
+                              int planes);
+#endif
+
 // One activation row against nr weight rows (stride bx bytes): out[r] = atd_vec_dot of row r, bit for
 // bit. AVX-512 takes four rows per step; the other paths call vec_dot row by row.
 void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, float * out) {
@@ -1352,34 +1358,29 @@ void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, 
     int             r    = 0;
 #if defined(ATD_HAVE_AVX512)
     if (path == ATD_PATH_AVX512 && n >= block && planes >= 1 && planes <= ATD_MAX_PLANES) {
+        // the kernels of the path's variant (the same decoder as its vec_dot)
         const int v = atd_dot_variant_of(path);
         (void)v;
+        atd_gemv256_fn g256 = atd_gemv256_avx512_mul;
+        atd_gemv64_fn  g64  = atd_gemv64_avx512_mul;
+#if defined(ATD_HAVE_AVX512VBMI)
+        if (v == 2) {
+            g256 = atd_gemv256_avx512_lut;
+            g64  = atd_gemv64_avx512_lut;
+        }
+#endif
+#if defined(ATD_HAVE_AVX512GFNI)
+        if (v == 3) {
+            g256 = atd_gemv256_avx512_gfni;
+            g64  = atd_gemv64_avx512_gfni;
+        }
+#endif
         for (; r + 4 <= nr; r += 4) {
             const uint8_t * xr = x + (size_t)r * bx;
-#if defined(ATD_HAVE_AVX512GFNI)
-            if (v == 3) {
-                if (block == QK_ATD) {
-                    atd_gemv256_avx512_gfni(n, xr, bx, (const block_q8_K *)vy, out + r, planes);
-                } else {
-                    atd_gemv64_avx512_gfni(n, xr, bx, (const block_atd_q8_64 *)vy, out + r, planes);
-                }
-                continue;
-            }
-#endif
-#if defined(ATD_HAVE_AVX512VBMI)
-            if (v == 2) {
-                if (block == QK_ATD) {
-                    atd_gemv256_avx512_lut(n, xr, bx, (const block_q8_K *)vy, out + r, planes);
-                } else {
-                    atd_gemv64_avx512_lut(n, xr, bx, (const block_atd_q8_64 *)vy, out + r, planes);
-                }
-                continue;
-            }
-#endif
             if (block == QK_ATD) {
-                atd_gemv256_avx512_mul(n, xr, bx, (const block_q8_K *)vy, out + r, planes);
+                g256(n, xr, bx, (const block_q8_K *)vy, out + r, planes);
             } else {
-                atd_gemv64_avx512_mul(n, xr, bx, (const block_atd_q8_64 *)vy, out + r, planes);
+                g64(n, xr, bx, (const block_atd_q8_64 *)vy, out + r, planes);
             }
         }
     }
