@@ -320,9 +320,6 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_digit256(__m256i ev, __m256i od) {
     const __m256i co = _mm256_mulhi_epu16(od, _mm256_set1_epi16(768));  // 3b: code in the high byte
     return _mm256_or_si256(ce, _mm256_and_si256(co, hi));
 }
-ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi16(__m256i v) {
-    return _mm256_add_epi16(_mm256_add_epi16(v, v), v);
-}
 ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi8(__m256i v) {
     return _mm256_add_epi8(_mm256_add_epi8(v, v), v);
 }
@@ -340,11 +337,19 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_times3_epi8(__m256i v) {
 #define ATD_AVX2_DOT_evex_ADD(a, c, q) _mm256_dpbusd_epi32((a), (c), (q))
 #define ATD_AVX2_DOT_evex_I32(a)       (a)
 
-// one 256-block with maddubs: acc[i] sums to sum t q of plane i
+// one 256-block with maddubs: acc[i] sums to sum t q of plane i. The code of x is (x >= 86) + (x >= 171):
+// two signed compares of y = x - 128 (y > -43, y > 42), each -1 where true, summed and negated. y follows
+// the same recurrence as x: y_{k+1} = 3 y_k mod 256 (3 (x - 128) = 3 x - 384 = 3 x - 128 mod 256).
+ATD_TARGET_AVX2 ATD_INLINE __m256i atd_code256_signed(__m256i y) {
+    const __m256i m1 = _mm256_cmpgt_epi8(y, _mm256_set1_epi8(-43));
+    const __m256i m2 = _mm256_cmpgt_epi8(y, _mm256_set1_epi8(42));
+    return _mm256_sub_epi8(_mm256_setzero_si256(), _mm256_add_epi8(m1, m2));
+}
+
 ATD_TARGET_AVX2 ATD_INLINE void atd_acc256_avx2_mad(const uint8_t * blk, const block_q8_K * yb, const int planes,
                                                    __m256i * acc) {
-    const __m256i hi   = _mm256_set1_epi16((short)0xff00);
     const __m256i tail = _mm256_setr_epi32(0, 0, 0, -1, -1, -1, -1, -1);  // lanes 12..31
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
     __m256i       qa[ATD_TRITS_PER_BYTE], qb[ATD_TRITS_PER_BYTE];
     ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
         qa[k] = _mm256_loadu_si256((const __m256i *)(yb->qs + ATD_S256 * k));
@@ -353,18 +358,17 @@ ATD_TARGET_AVX2 ATD_INLINE void atd_acc256_avx2_mad(const uint8_t * blk, const b
     // -sum q as 8 int32 pair sums of the bsums: the start of every plane's sum
     const __m256i init = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)yb->bsums), _mm256_set1_epi16(-1));
     ATD_UNROLL for (int i = 0; i < planes; ++i) {
-        const uint8_t * p  = blk + 2 * planes + i * ATD_S256;
-        const __m256i   A  = _mm256_loadu_si256((const __m256i *)p);
-        const __m256i   B  = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + 20)), tail);
-        __m256i         ea = _mm256_slli_epi16(A, 8), oa = _mm256_and_si256(A, hi);
-        __m256i         eb = _mm256_slli_epi16(B, 8), ob = _mm256_and_si256(B, hi);
-        __m256i         a  = _mm256_setzero_si256();
+        const uint8_t * p = blk + 2 * planes + i * ATD_S256;
+        // lanes 0..11 of the second load are cleared: their code 0 meets the q that bytes 20..31 met
+        __m256i ylo = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)p), bias);
+        __m256i yhi = _mm256_xor_si256(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + 20)), tail), bias);
+        __m256i a   = _mm256_setzero_si256();
         ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
-            a = ATD_AVX2_DOT_mad_ADD(a, atd_digit256(ea, oa), qa[k]);
-            a = ATD_AVX2_DOT_mad_ADD(a, atd_digit256(eb, ob), qb[k]);
+            a = ATD_AVX2_DOT_mad_ADD(a, atd_code256_signed(ylo), qa[k]);
+            a = ATD_AVX2_DOT_mad_ADD(a, atd_code256_signed(yhi), qb[k]);
             if (k + 1 < ATD_TRITS_PER_BYTE) {
-                ea = atd_times3_epi16(ea); oa = atd_times3_epi16(oa);
-                eb = atd_times3_epi16(eb); ob = atd_times3_epi16(ob);
+                ylo = atd_times3_epi8(ylo);
+                yhi = atd_times3_epi8(yhi);
             }
         }
         acc[i] = _mm256_add_epi32(init, ATD_AVX2_DOT_mad_I32(a));
