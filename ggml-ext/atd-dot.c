@@ -1128,21 +1128,13 @@ static int atd_cpu_has_raw(const char * feature) {
     }
     return 0;
 #else
-    // compile-time selection: compiled means runnable
-    if (strcmp(feature, "avx512vbmi") == 0) {
-#if defined(ATD_HAVE_AVX512VBMI)
-        return 1;
-#else
-        return 0;
+    // compile-time selection: compiled means runnable; the optional extensions may be left out
+#if !defined(ATD_HAVE_AVX512VBMI)
+    if (strcmp(feature, "avx512vbmi") == 0) return 0;
 #endif
-    }
-    if (strcmp(feature, "gfni") == 0) {
-#if defined(ATD_HAVE_AVX512GFNI)
-        return 1;
-#else
-        return 0;
+#if !defined(ATD_HAVE_AVX512GFNI)
+    if (strcmp(feature, "gfni") == 0) return 0;
 #endif
-    }
     return 1;
 #endif
 }

@@ -247,15 +247,20 @@ class Libs:
         lib.atd_quantize_row_q8_K_ref.argtypes = [vp, vp, ctypes.c_int64]
         return lib
 
-    def variant(self, path: int, lib=None) -> str:
+    def default_variant(self, path: int, lib=None) -> int:
         """The variant the path runs by default in lib (default: this tree's kernels; AVX2: VNNI where the
-        CPU has it)."""
+        CPU has it), 0 for paths without variants."""
         lib = lib or self.atd
         for v in {PATH_AVX2: (2, 3, 1), PATH_AVX512: (3, 2, 1)}.get(path, ()):
             if lib.atd_dot_set_variant(path, v):
                 lib.atd_dot_set_variant(path, 0)
-                return VARIANT_NAMES[(path, v)]
-        return ""
+                return v
+        return 0
+
+    def variant(self, path: int, lib=None) -> str:
+        """The name of the variant the path runs by default in lib ("" for paths without variants)."""
+        v = self.default_variant(path, lib)
+        return VARIANT_NAMES[(path, v)] if v else ""
 
 
 def ptr(a: np.ndarray) -> int:
@@ -428,9 +433,9 @@ def main() -> int:
             for path in paths:
                 k = Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block, path=path)
                 measure(name, path, planes, t.bpw, k, scalar=path == PATH_SCALAR)
-                if path == PATH_AVX512 and libs.atd.atd_dot_set_variant(path, 2):
+                if path == PATH_AVX512:
                     # the decoders of AVX-512 CPUs without GFNI or VBMI next to the default one
-                    for variant in (2, 1) if libs.atd.atd_dot_set_variant(path, 3) else (1,):
+                    for variant in range(libs.default_variant(path) - 1, 0, -1):
                         libs.atd.atd_dot_set_variant(path, variant)
                         measure(name, f"AVX-512 ({VARIANT_NAMES[(path, variant)]})", planes, t.bpw,
                                 Kernel(libs, chunk, ROW // block * t.type_size, y, planes=planes, block=block,

@@ -20,6 +20,7 @@ import gguf_types
 from converter.cli import main
 from converter.llama import permute_qk
 from test_convert import assert_one_line_error, run_cli
+from test_ggml_ext_dot import _cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(__file__).resolve().parent / "llama_plugin"
@@ -612,11 +613,7 @@ def test_patched_ggml_has_the_decoders_this_cpu_has():
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("nm (binutils) not installed")
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pytest.skip("no x86 /proc/cpuinfo flags")
+    flags = _cpu_flags()
     symbols = subprocess.run([nm, str(lib)], capture_output=True, text=True, check=True).stdout
     if "atd_vec_dot_avx512_mul" not in symbols and "avx512_vnni" in flags:
         pytest.skip("libggml-cpu.so has no symbol table (stripped)")
