@@ -1,11 +1,12 @@
 // ATD x q8 dot products (the vec_dot kernels of atd.h) and their dispatch (format version 2).
 //
-//   sum_e w_e x_e = sum_blocks sum_h d_y[h] * sum_i alpha_i * sum_{e in h} t_ie q_e,   t = code - 1
+//   sum_e w_e x_e = sum_blocks sum_g d_y[g] * sum_i alpha_i * sum_{e in g} t_ie q_e,   t = code - 1   (g: scale groups)
 //
 // B = 256 blocks meet one q8_K block (natural order: digit k of plane byte j pairs with q[52k + j];
-// the bsums give sum q). B = 64 blocks meet one block_atd_q8_64 (a scale per 32), whose activations
-// are stored in 16-byte groups by digit (atd.h), with the sum of each half. Padding slots hold code 0,
-// so whatever activation they meet adds 0.
+// the bsums give sum q). B = 64 blocks meet one block_atd_q8_64, stored by digit (qs[k][j] meets digit
+// k of plane byte j) with four scale groups: the 4-byte columns of that layout (atd.h), so the int32
+// lanes of one vpdpbusd accumulator per plane are the four groups' sums. Padding slots hold code 0, so
+// whatever activation they meet adds 0.
 //
 // Paths: scalar reference (always), AVX2 (maddubs, or vpdpbusd with AVX-VNNI / AVX512-VL), AVX-512
 // (F/BW/VL/VNNI, with VBMI and VBMI + GFNI variants), NEON. Every path computes the exact integer plane
@@ -56,14 +57,19 @@ static inline uint16_t atd_dot_load_u16(const uint8_t * p) {
 
 // ---- the float combination (shared by every path) ---------------------------------------------------
 //
-// A block meets H activation scales d_y[h] (H = 1 for q8_K, H = 2 for atd_q8_64: one per 32 weights):
-//   isum_hi = sum_{e in h} c_ie*q_e - sum_{e in h} q_e      (int32, exact; c = t + 1)
-//   a_h     = fma(alpha_{N-1}, isum_{h,N-1}, ... fma(alpha_0, isum_{h,0}, 0))   (float, plane order)
-//   lane    = fma(d_y[h], a_h, lane),  lane = acc[b % 16],  h = 0 then 1
+// B = 256 (one activation scale d_y per block):
+//   isum_i  = sum_e c_ie*q_e - sum_e q_e      (int32, exact; c = t + 1)
+//   a       = fma(alpha_{N-1}, isum_{N-1}, ... fma(alpha_0, isum_0, 0))   (float, plane order)
+//   lane    = fma(d_y, a, lane),  lane = acc[b % 16]
 //   result  = the 16 lanes added pairwise: (i, i+8), then (i, i+4), (i, i+2), (0, 1)
+// B = 64 (four activation scales d_y[g] per block, one per group g):
+//   isum_gi = the same over the elements of group g
+//   a_g     = fma(alpha_{N-1}, isum_{g,N-1}, ... fma(alpha_0, isum_{g,0}, 0))
+//   lane    = fma(d_y[g], a_g, acc[b % 4][g])
+//   v_g     = (acc[0][g] + acc[2][g]) + (acc[1][g] + acc[3][g]),  result = (v_0 + v_1) + (v_2 + v_3)
 // Every multiply-add is an explicit fused one (fmaf here, vfmadd / vfmaq in SIMD), so contraction
-// flags cannot change a bit, and the order is fixed: the SIMD paths hold 16 blocks' sums and
-// combine them at once, block b in lane b % 16, exactly as this loop does one at a time.
+// flags cannot change a bit, and the order is fixed: the SIMD paths hold 16 (4 x 4) lanes and combine
+// several blocks at once, block b in lane b % 16 (b % 4), exactly as these loops do one at a time.
 
 static inline float atd_dot_reduce16(float * a) {
     for (int w = ATD_LANES / 2; w >= 1; w /= 2) {
@@ -72,6 +78,13 @@ static inline float atd_dot_reduce16(float * a) {
         }
     }
     return a[0];
+}
+
+#define ATD_LANES64 4  // B = 64: block b goes to lane b % 4, four groups each
+static inline float atd_dot_reduce64(float (*acc)[ATD_Q8_64_GROUPS]) {
+    float v[ATD_Q8_64_GROUPS];
+    for (int g = 0; g < ATD_Q8_64_GROUPS; ++g) v[g] = (acc[0][g] + acc[2][g]) + (acc[1][g] + acc[3][g]);
+    return (v[0] + v[1]) + (v[2] + v[3]);
 }
 
 static void atd_isum_256_scalar(const uint8_t * blk, const block_q8_K * yb, int planes, int32_t * isum) {
@@ -91,80 +104,52 @@ static void atd_isum_256_scalar(const uint8_t * blk, const block_q8_K * yb, int 
     }
 }
 
-static void atd_isum_64_scalar(const uint8_t * blk, const block_atd_q8_64 * yb, int planes, int32_t * isum) {
+static void atd_isum_64_scalar(const uint8_t * blk, const block_atd_q8_64 * yb, int planes,
+                               int32_t (*isum)[ATD_Q8_64_GROUPS]) {
     for (int i = 0; i < planes; ++i) {
         const uint8_t * qs = blk + 2 * planes + i * ATD_S64;
-        int32_t         s[2] = { 0, 0 };
+        for (int g = 0; g < ATD_Q8_64_GROUPS; ++g) isum[i][g] = -yb->sum[g];
         for (int e = 0; e < QK_ATD_64; ++e) {
-            const int g = atd_q8_64_group(e), j = atd_q8_64_lane(e);
-            s[g >= 3] += atd_byte_digit(qs[j], e / ATD_S64) * yb->qs[g][j];
+            const int k = atd_q8_64_digit(e), j = atd_q8_64_lane(e);
+            isum[i][atd_q8_64_group(e)] += atd_byte_digit(qs[j], k) * yb->qs[k][j];
         }
-        isum[i]                  = s[0] - yb->sum[0];
-        isum[ATD_MAX_PLANES + i] = s[1] - yb->sum[1];
     }
-}
-
-// the activation scales of block b (1 for q8_K, 2 for atd_q8_64)
-static inline int atd_dot_halves(int block) {
-    return block == QK_ATD ? 1 : 2;
-}
-static inline const float * atd_dot_dy(const void * vy, int block, int b) {
-    return block == QK_ATD ? &((const block_q8_K *)vy)[b].d : ((const block_atd_q8_64 *)vy)[b].d;
 }
 
 static void atd_vec_dot_scalar(int n, float * s, const void * vx, const void * vy, int planes, int block) {
-    const uint8_t * x      = (const uint8_t *)vx;
-    const size_t    bsz    = ATD_TYPE_SIZE(planes, block);
-    const int       halves = atd_dot_halves(block);
-    float           acc[ATD_LANES] = { 0.0f };
-    for (int b = 0; b < n / block; ++b) {
-        const uint8_t * blk = x + (size_t)b * bsz;
-        int32_t         isum[2 * ATD_MAX_PLANES];
-        if (block == QK_ATD) {
-            atd_isum_256_scalar(blk, (const block_q8_K *)vy + b, planes, isum);
-        } else {
-            atd_isum_64_scalar(blk, (const block_atd_q8_64 *)vy + b, planes, isum);
-        }
-        const float * dy = atd_dot_dy(vy, block, b);
-        for (int h = 0; h < halves; ++h) {
+    const uint8_t * x   = (const uint8_t *)vx;
+    const size_t    bsz = ATD_TYPE_SIZE(planes, block);
+    if (block == QK_ATD) {
+        const block_q8_K * y = (const block_q8_K *)vy;
+        float              acc[ATD_LANES] = { 0.0f };
+        for (int b = 0; b < n / block; ++b) {
+            const uint8_t * blk = x + (size_t)b * bsz;
+            int32_t         isum[ATD_MAX_PLANES];
+            atd_isum_256_scalar(blk, y + b, planes, isum);
             float a = 0.0f;
             for (int i = 0; i < planes; ++i) {
-                a = fmaf(atd_dot_h2f(atd_dot_load_u16(blk + 2 * i)), (float)isum[h * ATD_MAX_PLANES + i], a);
+                a = fmaf(atd_dot_h2f(atd_dot_load_u16(blk + 2 * i)), (float)isum[i], a);
             }
-            acc[b % ATD_LANES] = fmaf(dy[h], a, acc[b % ATD_LANES]);
+            acc[b % ATD_LANES] = fmaf(y[b].d, a, acc[b % ATD_LANES]);
+        }
+        *s = atd_dot_reduce16(acc);
+        return;
+    }
+    const block_atd_q8_64 * y = (const block_atd_q8_64 *)vy;
+    float                   acc[ATD_LANES64][ATD_Q8_64_GROUPS] = { { 0.0f } };
+    for (int b = 0; b < n / block; ++b) {
+        const uint8_t * blk = x + (size_t)b * bsz;
+        int32_t         isum[ATD_MAX_PLANES][ATD_Q8_64_GROUPS];
+        atd_isum_64_scalar(blk, y + b, planes, isum);
+        for (int g = 0; g < ATD_Q8_64_GROUPS; ++g) {
+            float a = 0.0f;
+            for (int i = 0; i < planes; ++i) {
+                a = fmaf(atd_dot_h2f(atd_dot_load_u16(blk + 2 * i)), (float)isum[i][g], a);
+            }
+            acc[b % ATD_LANES64][g] = fmaf(y[b].d[g], a, acc[b % ATD_LANES64][g]);
         }
     }
-    *s = atd_dot_reduce16(acc);
-}
-
-// ---- the SIMD paths' staging area: 16 blocks' integer sums, scales and activation scales ----------------
-
-typedef struct {
-    int32_t  isum[2][ATD_MAX_PLANES][ATD_LANES];  // [half][plane][block % 16], sum t q (exact)
-    uint16_t alpha[ATD_MAX_PLANES][ATD_LANES];    // fp16 plane scales
-    float    dy[2][ATD_LANES];                    // activation scales
-} atd_group;
-
-// block b's scales into lane l
-static inline void atd_group_put_scales(atd_group * g, int l, const uint8_t * blk, const float * dy, int planes,
-                                        int halves) {
-    for (int i = 0; i < planes; ++i) {
-        g->alpha[i][l] = atd_dot_load_u16(blk + 2 * i);
-    }
-    for (int h = 0; h < halves; ++h) {
-        g->dy[h][l] = dy[h];
-    }
-}
-
-// lanes m..15 of a last, partial group add nothing (d_y = 0, finite sums and scales)
-static inline void atd_group_clear_tail(atd_group * g, int m) {
-    for (int l = m; l < ATD_LANES; ++l) {
-        for (int h = 0; h < 2; ++h) {
-            g->dy[h][l] = 0.0f;
-            for (int i = 0; i < ATD_MAX_PLANES; ++i) g->isum[h][i][l] = 0;
-        }
-        for (int i = 0; i < ATD_MAX_PLANES; ++i) g->alpha[i][l] = 0;
-    }
+    *s = atd_dot_reduce64(acc);
 }
 
 #if defined(ATD_HAVE_AVX2)
@@ -226,34 +211,28 @@ ATD_TARGET_AVX2 ATD_INLINE void atd_alpha4(const uint8_t * blk, size_t bsz, int 
     alpha[3] = _mm256_extractf128_ps(hi, 1);
 }
 
-// the activation scales of 4 blocks: q8_K (dy[0]) or atd_q8_64 (dy[0], dy[1]); missing blocks 0
-ATD_TARGET_AVX2 ATD_INLINE void atd_dy4_256(const block_q8_K * y, int m, __m128 * dy) {
-    dy[0] = _mm_setr_ps(y[0].d, m > 1 ? y[1].d : 0.0f, m > 2 ? y[2].d : 0.0f, m > 3 ? y[3].d : 0.0f);
-}
-// the activation scales and sums of q of 4 blocks of atd_q8_64 (d[2], sum[2] open each block): a 4x4
-// transpose; missing blocks give 0
-ATD_TARGET_AVX2 ATD_INLINE void atd_head4_64(const block_atd_q8_64 * y, int m, __m128 * dy, __m128i * sq) {
-    __m128i v[4];
-    for (int j = 0; j < 4; ++j) v[j] = j < m ? _mm_loadu_si128((const __m128i *)&y[j]) : _mm_setzero_si128();
-    const __m128i t0 = _mm_unpacklo_epi32(v[0], v[1]), t1 = _mm_unpacklo_epi32(v[2], v[3]);
-    const __m128i t2 = _mm_unpackhi_epi32(v[0], v[1]), t3 = _mm_unpackhi_epi32(v[2], v[3]);
-    dy[0] = _mm_castsi128_ps(_mm_unpacklo_epi64(t0, t1));
-    dy[1] = _mm_castsi128_ps(_mm_unpackhi_epi64(t0, t1));
-    sq[0] = _mm_unpacklo_epi64(t2, t3);
-    sq[1] = _mm_unpackhi_epi64(t2, t3);
+// the activation scales of 4 blocks of q8_K; missing blocks 0
+ATD_TARGET_AVX2 ATD_INLINE __m128 atd_dy4_256(const block_q8_K * y, int m) {
+    return _mm_setr_ps(y[0].d, m > 1 ? y[1].d : 0.0f, m > 2 ? y[2].d : 0.0f, m > 3 ? y[3].d : 0.0f);
 }
 
-// lanes 4q..4q+3 of the 16: S = fma(dy[h], sum_i fma(alpha_i, isum_hi, .), S) for h = 0, then 1
-ATD_TARGET_AVX2 ATD_INLINE __m128 atd_combine4(__m128 S, const __m128i (*isum)[ATD_MAX_PLANES], const __m128 * alpha,
-                                              const __m128 * dy, int planes, int halves) {
-    for (int h = 0; h < halves; ++h) {
-        __m128 acc = _mm_setzero_ps();
-        for (int i = 0; i < planes; ++i) {
-            acc = _mm_fmadd_ps(alpha[i], _mm_cvtepi32_ps(isum[h][i]), acc);
-        }
-        S = _mm_fmadd_ps(dy[h], acc, S);
+// lanes 4q..4q+3 of the 16: S = fma(dy, sum_i fma(alpha_i, isum_i, .), S)
+ATD_TARGET_AVX2 ATD_INLINE __m128 atd_combine4(__m128 S, const __m128i * isum, const __m128 * alpha, __m128 dy,
+                                              int planes) {
+    __m128 acc = _mm_setzero_ps();
+    for (int i = 0; i < planes; ++i) {
+        acc = _mm_fmadd_ps(alpha[i], _mm_cvtepi32_ps(isum[i]), acc);
     }
-    return S;
+    return _mm_fmadd_ps(dy, acc, S);
+}
+
+// B = 64: the lanes acc[0] | acc[1] (S01) and acc[2] | acc[3] (S23), four groups each, added as
+// atd_dot_reduce64 does
+ATD_TARGET_AVX2 ATD_INLINE float atd_finish64(__m256 S01, __m256 S23) {
+    const __m256 u = _mm256_add_ps(S01, S23);                                           // acc0+acc2 | acc1+acc3
+    const __m128 v = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));  // v_g
+    const __m128 t = _mm_add_ps(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));       // v0+v1, ., v2+v3, .
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
 }
 
 // the 16 lanes S[0] | S[1] | S[2] | S[3] added pairwise as atd_dot_reduce16 does
@@ -285,14 +264,13 @@ ATD_TARGET_AVX2 ATD_INLINE float atd_finish4(const __m128 * S) {
                     for (int i = 0; i < planes; ++i) acc[j][i] = _mm256_setzero_si256();                     \
                 }                                                                                           \
             }                                                                                               \
-            __m128i isum[1][ATD_MAX_PLANES];                                                                \
-            __m128  alpha[ATD_MAX_PLANES], dy[1];                                                           \
+            __m128i isum[ATD_MAX_PLANES];                                                                   \
+            __m128  alpha[ATD_MAX_PLANES];                                                                  \
             ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
-                isum[0][i] = _mm_srai_epi32(atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]), SHIFT); \
+                isum[i] = _mm_srai_epi32(atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]), SHIFT); \
             }                                                                                               \
             atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
-            atd_dy4_256(y + b0, m, dy);                                                                     \
-            S[q] = atd_combine4(S[q], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 1);       \
+            S[q] = atd_combine4(S[q], isum, alpha, atd_dy4_256(y + b0, m), planes);                         \
           }                                                                                                 \
         }                                                                                                   \
         *s = atd_finish4(S);                                                                                \
@@ -303,8 +281,8 @@ ATD_TARGET_AVX2 ATD_INLINE float atd_finish4(const __m128 * S) {
 // B = 256: a plane's 52 bytes are two 32-byte loads, bytes 0..31 and 20..51 (the second with lanes
 // 0..11 cleared, so nothing is read beyond the plane); digit k of them meets q[52k + 0..31] and
 // q[52k + 20..51]. B = 64: the plane (13 bytes + 3 that meet zero activations) goes to both 128-bit
-// lanes, which take digits (0, 1), (2, 2), (3, 4) against activation groups (0, 1), (2, 3), (4, 5) by
-// multiplying the byte by 3^k per lane first; groups 0..2 are the first half, 3..5 the second.
+// lanes, which take digits (0, 1), (2, 3), (4, -) against the activations' digit groups; the two lanes'
+// int32 sums add up to the four scale groups' sums.
 // Three flavours of the unsigned x signed byte dot:
 //   mad:  maddubs (pairs: |.| <= 2*2*128), summed in int16 (<= 10 terms), one madd to int32;
 //   vnni: vpdpbusd straight into int32 (AVX-VNNI);  evex: the AVX512-VL encoding of vpdpbusd.
@@ -406,32 +384,48 @@ ATD_TARGET_AVX2 ATD_INLINE void atd_acc256_avx2_mad(const uint8_t * blk, const b
         }                                                                                                   \
     }
 
+// B = 64: the codes of digits (0, 1), (2, 3) and (4, -) of a plane's bytes, one digit per 128-bit lane
+// (the signed decoder above; the high lane starts one digit on)
+ATD_TARGET_AVX2 ATD_INLINE void atd_codes64_avx2(const uint8_t * p, __m256i * c) {
+    const __m256i y = _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)),
+                                       _mm256_set1_epi8((char)0x80));
+    __m256i       v = _mm256_blend_epi32(y, atd_times3_epi8(y), 0xf0);
+    c[0] = atd_code256_signed(v);
+    v    = atd_times3_epi8(atd_times3_epi8(v));
+    c[1] = atd_code256_signed(v);
+    v    = atd_times3_epi8(atd_times3_epi8(v));
+    c[2] = atd_code256_signed(v);  // the high lane meets zero activations
+}
+
+// B = 64, two blocks j = 0, 1 (block j in 128-bit lane j): the plane scale alpha (lanes j0, j1 of the
+// four blocks' alpha) and the activation scales of each group
+ATD_TARGET_AVX2 ATD_INLINE __m256 atd_alpha2x4(__m128 alpha, int j0) {
+    const __m256i idx = _mm256_setr_epi32(j0, j0, j0, j0, j0 + 1, j0 + 1, j0 + 1, j0 + 1);
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(alpha), idx);
+}
+ATD_TARGET_AVX2 ATD_INLINE __m256 atd_dy2x4(const block_atd_q8_64 * y, int m) {
+    const __m128 d1 = m > 1 ? _mm_loadu_ps(y[1].d) : _mm_setzero_ps();
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(m > 0 ? _mm_loadu_ps(y[0].d) : _mm_setzero_ps()), d1, 1);
+}
+
 #define ATD_DEFINE_AVX2_KERNELS(SFX, TARGET, K256)                                                           \
-    /* one 64-block: h0[i], h1[i] sum to sum c q of the two halves of plane i; the 16-byte plane loads    \
-       may read 3 bytes past the block: callers pass a padded copy for the last block of a row */         \
+    /* one 64-block: isum[i] = the four groups' sum t q of plane i; the 16-byte plane loads may read 3   \
+       bytes past the block: callers pass a padded copy for the last block of a row */                    \
     TARGET ATD_INLINE void atd_acc64_avx2_##SFX(const uint8_t * blk, const block_atd_q8_64 * yb,            \
-                                                const int planes, __m256i * h0, __m256i * h1) {            \
-        const __m256i hi  = _mm256_set1_epi16((short)0xff00);                                               \
-        const __m256i lo  = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);                                  \
-        const __m256i m01 = _mm256_setr_epi16(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3);              \
-        const __m256i m22 = _mm256_set1_epi16(9);                                                           \
-        const __m256i m34 = _mm256_setr_epi16(27, 27, 27, 27, 27, 27, 27, 27, 81, 81, 81, 81, 81, 81, 81, 81); \
-        const __m256i g01 = _mm256_loadu_si256((const __m256i *)yb->qs[0]);                                 \
-        const __m256i g23 = _mm256_loadu_si256((const __m256i *)yb->qs[2]);                                 \
-        const __m256i g45 = _mm256_loadu_si256((const __m256i *)yb->qs[4]);                                 \
+                                                const int planes, __m128i * isum) {                        \
+        const __m256i g01  = _mm256_loadu_si256((const __m256i *)yb->qs[0]);                                \
+        const __m256i g23  = _mm256_loadu_si256((const __m256i *)yb->qs[2]);                                \
+        const __m256i g4   = _mm256_inserti128_si256(_mm256_setzero_si256(),                                \
+                                                     _mm_loadu_si128((const __m128i *)yb->qs[4]), 0);       \
+        const __m128i init = _mm_sub_epi32(_mm_setzero_si128(), _mm_loadu_si128((const __m128i *)yb->sum)); \
         ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                       \
-            const __m256i V  = _mm256_broadcastsi128_si256(                                                 \
-                _mm_loadu_si128((const __m128i *)(blk + 2 * planes + i * ATD_S64)));                        \
-            const __m256i ev = _mm256_slli_epi16(V, 8), od = _mm256_and_si256(V, hi);                      \
-            ATD_AVX2_DOT_##SFX##_T a = ATD_AVX2_DOT_##SFX##_ADD(ATD_AVX2_DOT_##SFX##_ZERO(),                \
-                atd_digit256(_mm256_mullo_epi16(ev, m01), _mm256_mullo_epi16(od, m01)), g01);               \
-            ATD_AVX2_DOT_##SFX##_T b = ATD_AVX2_DOT_##SFX##_ADD(ATD_AVX2_DOT_##SFX##_ZERO(),                \
-                atd_digit256(_mm256_mullo_epi16(ev, m22), _mm256_mullo_epi16(od, m22)), g23);               \
-            ATD_AVX2_DOT_##SFX##_T c = ATD_AVX2_DOT_##SFX##_ADD(ATD_AVX2_DOT_##SFX##_ZERO(),                \
-                atd_digit256(_mm256_mullo_epi16(ev, m34), _mm256_mullo_epi16(od, m34)), g45);               \
-            const __m256i mid = ATD_AVX2_DOT_##SFX##_I32(b); /* low lane: half 0, high lane: half 1 */      \
-            h0[i] = _mm256_add_epi32(ATD_AVX2_DOT_##SFX##_I32(a), _mm256_and_si256(mid, lo));               \
-            h1[i] = _mm256_add_epi32(ATD_AVX2_DOT_##SFX##_I32(c), _mm256_andnot_si256(lo, mid));            \
+            __m256i c[3];                                                                                   \
+            atd_codes64_avx2(blk + 2 * planes + i * ATD_S64, c);                                            \
+            ATD_AVX2_DOT_##SFX##_T a = ATD_AVX2_DOT_##SFX##_ADD(ATD_AVX2_DOT_##SFX##_ZERO(), c[0], g01);    \
+            a = ATD_AVX2_DOT_##SFX##_ADD(a, c[1], g23);                                                     \
+            a = ATD_AVX2_DOT_##SFX##_ADD(a, c[2], g4);                                                      \
+            const __m256i r = ATD_AVX2_DOT_##SFX##_I32(a);                                                  \
+            isum[i] = _mm_add_epi32(_mm_add_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)), init); \
         }                                                                                                   \
     }                                                                                                       \
     TARGET ATD_INLINE void atd_k64_avx2_##SFX(int n, float * s, const uint8_t * x, const block_atd_q8_64 * y, \
@@ -440,34 +434,32 @@ ATD_TARGET_AVX2 ATD_INLINE void atd_acc256_avx2_mad(const uint8_t * blk, const b
         const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD_64);                                                \
         uint8_t      last[ATD_TYPE_SIZE(ATD_MAX_PLANES, QK_ATD_64) + 16] = { 0 };                           \
         memcpy(last, x + (size_t)(nb - 1) * bsz, bsz); /* the last block, padded for 16-byte loads */      \
-        __m128 S[4] = { _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps() };           \
-        for (int b16 = 0; b16 < nb; b16 += ATD_LANES) {                                                     \
-          ATD_UNROLL for (int q = 0; q < 4; ++q) { /* unrolled: S[q] stays in a register */                \
-            const int b0 = b16 + 4 * q;                                                                     \
-            if (b0 >= nb) break;                                                                            \
+        __m256 S[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() }; /* lanes 0 | 1 and 2 | 3 */             \
+        for (int b0 = 0; b0 < nb; b0 += ATD_LANES64) {                                                      \
             const int m = nb - b0 < 4 ? nb - b0 : 4;                                                        \
-            __m256i   h0[4][ATD_MAX_PLANES], h1[4][ATD_MAX_PLANES];                                         \
+            __m128i   isum[4][ATD_MAX_PLANES];                                                              \
             ATD_UNROLL for (int j = 0; j < 4; ++j) {                                                        \
                 if (j < m) {                                                                                \
                     const int b = b0 + j;                                                                   \
                     ATD_PREFETCH_BLOCK(x + (size_t)b * bsz, bsz);                                           \
-                    atd_acc64_avx2_##SFX(b == nb - 1 ? last : x + (size_t)b * bsz, y + b, planes, h0[j], h1[j]); \
+                    atd_acc64_avx2_##SFX(b == nb - 1 ? last : x + (size_t)b * bsz, y + b, planes, isum[j]);  \
                 } else {                                                                                    \
-                    for (int i = 0; i < planes; ++i) h0[j][i] = h1[j][i] = _mm256_setzero_si256();           \
+                    for (int i = 0; i < planes; ++i) isum[j][i] = _mm_setzero_si128();                       \
                 }                                                                                           \
             }                                                                                               \
-            __m128i isum[2][ATD_MAX_PLANES], sq[2];                                                         \
-            __m128  alpha[ATD_MAX_PLANES], dy[2];                                                           \
-            atd_head4_64(y + b0, m, dy, sq);                                                                \
-            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
-                isum[0][i] = _mm_sub_epi32(atd_hsum4_epi32(h0[0][i], h0[1][i], h0[2][i], h0[3][i]), sq[0]);  \
-                isum[1][i] = _mm_sub_epi32(atd_hsum4_epi32(h1[0][i], h1[1][i], h1[2][i], h1[3][i]), sq[1]);  \
-            }                                                                                               \
+            __m128 alpha[ATD_MAX_PLANES];                                                                   \
             atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
-            S[q] = atd_combine4(S[q], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 2);       \
-          }                                                                                                 \
+            ATD_UNROLL for (int h = 0; h < 2; ++h) { /* blocks 2h, 2h + 1 */                                \
+                __m256 acc = _mm256_setzero_ps();                                                           \
+                ATD_UNROLL for (int i = 0; i < planes; ++i) {                                               \
+                    const __m256i I = _mm256_inserti128_si256(_mm256_castsi128_si256(isum[2 * h][i]),       \
+                                                              isum[2 * h + 1][i], 1);                       \
+                    acc = _mm256_fmadd_ps(atd_alpha2x4(alpha[i], 2 * h), _mm256_cvtepi32_ps(I), acc);       \
+                }                                                                                           \
+                S[h] = _mm256_fmadd_ps(atd_dy2x4(y + b0 + 2 * h, m - 2 * h), acc, S[h]);                    \
+            }                                                                                               \
         }                                                                                                   \
-        *s = atd_finish4(S);                                                                                \
+        *s = atd_finish64(S[0], S[1]);                                                                      \
     }                                                                                                       \
     TARGET static void atd_vec_dot_avx2_##SFX(int n, float * s, const void * vx, const void * vy, int planes, \
                                               int block) {                                                 \
@@ -515,9 +507,9 @@ ATD_DEFINE_AVX2_KERNELS(evex, ATD_TARGET_AVX512, atd_k256_avx2_evex)
 //   gfni (variant 3, VBMI + GFNI): the lut decoder with one gf2p8affineqb per field instead of a shift
 //        and an and (one op fewer for each of digits 1..3: about 7 % more plane weights per second).
 // B = 256: one masked zmm load takes a plane's 52 bytes (lanes 52..63 zero); digit k meets the 64
-// activations at q + 52k (lanes 52..63 meet code 0). B = 64: four blocks share a zmm, block g in
-// 128-bit lane g (its 13 plane bytes, 3 zero lanes), each digit against the activation group of the
-// four blocks gathered into one zmm (digit 2 against two groups, one per half).
+// activations at q + 52k (lanes 52..63 meet code 0). B = 64: four blocks share a zmm, block j in
+// 128-bit lane j (its 13 plane bytes, 3 zero lanes), digit k against the four blocks' digit group k
+// gathered into one zmm; the int32 lanes of the one accumulator per plane are the scale groups' sums.
 #if defined(ATD_HAVE_AVX512)
 
 ATD_ALIGN64 const uint8_t atd_lut_c0123[256] = {
@@ -584,13 +576,10 @@ ATD_TARGET_AVX512 ATD_INLINE void atd_tables512_mul(__m512i * tab) {
 }
 // atd_tables512_lut and atd_codes512_lut (the VBMI decoder) are in atd-simd.h, shared with atd-mm.c
 
-// the int32 sums of each 128-bit lane (one block per lane) of a (half 0) and b (half 1):
-// [a0 a1 a2 a3 | b0 b1 b2 b3]
-ATD_TARGET_AVX512 ATD_INLINE __m256i atd_lane_sums2(__m512i a, __m512i b) {
-    __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));  // a02 b02 a13 b13
-    t = _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));                        // a b a b
-    return _mm512_castsi512_si256(
-        _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), t));
+// B = 64: alpha = [a0 a1 a2 a3] (one per 128-bit lane j) -> each repeated over the four lanes of lane j
+ATD_TARGET_AVX512 ATD_INLINE __m512 atd_alpha4x4(__m128 alpha) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(alpha));
 }
 
 #define ATD_DEFINE_AVX512_KERNELS(DEC, TARGET)                                                               \
@@ -634,14 +623,13 @@ ATD_TARGET_AVX512 ATD_INLINE __m256i atd_lane_sums2(__m512i a, __m512i b) {
                     for (int i = 0; i < planes; ++i) acc[j][i] = _mm256_setzero_si256();                     \
                 }                                                                                           \
             }                                                                                               \
-            __m128i isum[1][ATD_MAX_PLANES];                                                                \
-            __m128  alpha[ATD_MAX_PLANES], dy[1];                                                           \
+            __m128i isum[ATD_MAX_PLANES];                                                                   \
+            __m128  alpha[ATD_MAX_PLANES];                                                                  \
             ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
-                isum[0][i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);                   \
+                isum[i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);                      \
             }                                                                                               \
             atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
-            atd_dy4_256(y + b0, m, dy);                                                                     \
-            S[q] = atd_combine4(S[q], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 1);       \
+            S[q] = atd_combine4(S[q], isum, alpha, atd_dy4_256(y + b0, m), planes);                         \
           }                                                                                                 \
         }                                                                                                   \
         *s = atd_finish4(S);                                                                                \
@@ -652,24 +640,15 @@ ATD_TARGET_AVX512 ATD_INLINE __m256i atd_lane_sums2(__m512i a, __m512i b) {
         const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD_64);                                                \
         __m512i      tab[8];                                                                                \
         atd_tables512_##DEC(tab);                                                                           \
-        __m128 S[4] = { _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps() };           \
-        for (int b16 = 0; b16 < nb; b16 += ATD_LANES) {                                                     \
-          ATD_UNROLL for (int q = 0; q < 4; ++q) { /* unrolled: S[q] stays in a register */                \
-            const int               b0 = b16 + 4 * q;                                                       \
-            if (b0 >= nb) break;                                                                            \
+        __m512 S = _mm512_setzero_ps(); /* lane j: acc[j][0..3] */                                           \
+        for (int b0 = 0; b0 < nb; b0 += ATD_LANES64) {                                                      \
             const int               m  = nb - b0 < 4 ? nb - b0 : 4; /* blocks in this zmm */                \
             const block_atd_q8_64 * yb = y + b0;                                                            \
-            /* activation group k of the 4 blocks in one zmm: a 4x4 transpose of 128-bit lanes */           \
-            __m512i L[4], H[2], o[ATD_Q8_64_GROUPS];                                                        \
+            /* digit group k of the 4 blocks in one zmm: a 4x4 transpose of 128-bit lanes (groups 0..3), */ \
+            /* inserts (group 4); the scales and sums likewise */                                           \
+            __m512i L[4], o[ATD_TRITS_PER_BYTE], H[2];                                                      \
             ATD_UNROLL for (int j = 0; j < 4; ++j) {                                                        \
                 L[j] = j < m ? _mm512_loadu_si512((const void *)yb[j].qs[0]) : _mm512_setzero_si512();      \
-            }                                                                                               \
-            ATD_UNROLL for (int j = 0; j < 2; ++j) {                                                        \
-                const __m256i g0 = 2 * j < m ? _mm256_loadu_si256((const __m256i *)yb[2 * j].qs[4])         \
-                                             : _mm256_setzero_si256();                                      \
-                const __m256i g1 = 2 * j + 1 < m ? _mm256_loadu_si256((const __m256i *)yb[2 * j + 1].qs[4]) \
-                                                 : _mm256_setzero_si256();                                  \
-                H[j] = _mm512_inserti64x4(_mm512_castsi256_si512(g0), g1, 1);                               \
             }                                                                                               \
             {                                                                                               \
                 const __m512i t0 = _mm512_shuffle_i64x2(L[0], L[1], 0x44), t1 = _mm512_shuffle_i64x2(L[0], L[1], 0xEE); \
@@ -678,15 +657,25 @@ ATD_TARGET_AVX512 ATD_INLINE __m256i atd_lane_sums2(__m512i a, __m512i b) {
                 o[1] = _mm512_shuffle_i64x2(t0, t2, 0xDD);                                                  \
                 o[2] = _mm512_shuffle_i64x2(t1, t3, 0x88);                                                  \
                 o[3] = _mm512_shuffle_i64x2(t1, t3, 0xDD);                                                  \
-                o[4] = _mm512_shuffle_i64x2(H[0], H[1], 0x88);                                              \
-                o[5] = _mm512_shuffle_i64x2(H[0], H[1], 0xDD);                                              \
+                o[4] = _mm512_setzero_si512();                                                              \
+                ATD_UNROLL for (int j = 0; j < 2; ++j) H[j] = _mm512_setzero_si512();                       \
+                ATD_UNROLL for (int j = 0; j < 4; ++j) {                                                    \
+                    if (j < m) {                                                                            \
+                        o[4] = _mm512_mask_broadcast_i32x4(o[4], (__mmask16)(0xf << (4 * j)),               \
+                                                           _mm_loadu_si128((const __m128i *)yb[j].qs[4]));  \
+                        /* d[4] and sum[4] of block j: lanes 2 (j % 2), 2 (j % 2) + 1 of H[j / 2] */        \
+                        H[j / 2] = _mm512_mask_broadcast_i64x4(H[j / 2], (__mmask8)(0xf << (4 * (j % 2))),  \
+                                                               _mm256_loadu_si256((const __m256i *)&yb[j])); \
+                    }                                                                                       \
+                }                                                                                           \
             }                                                                                               \
-            __m128i sq[2], isum[2][ATD_MAX_PLANES];                                                         \
-            __m128  alpha[ATD_MAX_PLANES], dy[2];                                                           \
-            atd_head4_64(yb, m, dy, sq);                                                                    \
-            const __m256i   sumv = _mm256_inserti128_si256(_mm256_castsi128_si256(sq[0]), sq[1], 1);        \
-            const uint8_t * blk  = x + (size_t)b0 * bsz + 2 * planes;                                       \
+            const __m512  D    = _mm512_castsi512_ps(_mm512_shuffle_i64x2(H[0], H[1], 0x88));               \
+            const __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_shuffle_i64x2(H[0], H[1], 0xDD)); \
+            __m128 alpha[ATD_MAX_PLANES];                                                                   \
+            atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
+            const uint8_t * blk = x + (size_t)b0 * bsz + 2 * planes;                                        \
             ATD_PREFETCH_BLOCK(x + (size_t)b0 * bsz, 4 * bsz);                                              \
+            __m512 acc = _mm512_setzero_ps();                                                               \
             ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
                 /* the 13 plane bytes of each block, masked: nothing is read past the row */                \
                 const uint8_t * p  = blk + i * ATD_S64;                                                     \
@@ -699,22 +688,13 @@ ATD_TARGET_AVX512 ATD_INLINE __m256i atd_lane_sums2(__m512i a, __m512i b) {
                     _mm256_inserti128_si256(_mm256_castsi128_si256(x2), x3, 1), 1);                         \
                 __m512i c[ATD_TRITS_PER_BYTE];                                                              \
                 atd_codes512_##DEC(P, tab, c);                                                              \
-                /* digits 0, 1 and the first part of 2 meet half 0; the rest of 2, and 3, 4 meet half 1 */  \
-                __m512i a0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[0], o[0]);                       \
-                __m512i a1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c[2], o[3]);                       \
-                a0 = _mm512_dpbusd_epi32(a0, c[1], o[1]);                                                   \
-                a1 = _mm512_dpbusd_epi32(a1, c[3], o[4]);                                                   \
-                a0 = _mm512_dpbusd_epi32(a0, c[2], o[2]);                                                   \
-                a1 = _mm512_dpbusd_epi32(a1, c[4], o[5]);                                                   \
-                const __m256i r = _mm256_sub_epi32(atd_lane_sums2(a0, a1), sumv);                           \
-                isum[0][i] = _mm256_castsi256_si128(r);                                                     \
-                isum[1][i] = _mm256_extracti128_si256(r, 1);                                                \
+                __m512i a = _mm512_dpbusd_epi32(init, c[0], o[0]);                                          \
+                ATD_UNROLL for (int k = 1; k < ATD_TRITS_PER_BYTE; ++k) a = _mm512_dpbusd_epi32(a, c[k], o[k]); \
+                acc = _mm512_fmadd_ps(atd_alpha4x4(alpha[i]), _mm512_cvtepi32_ps(a), acc);                  \
             }                                                                                               \
-            atd_alpha4(x + (size_t)b0 * bsz, bsz, m, alpha);                                                \
-            S[q] = atd_combine4(S[q], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 2);       \
-          }                                                                                                 \
+            S = _mm512_fmadd_ps(D, acc, S);                                                                 \
         }                                                                                                   \
-        *s = atd_finish4(S);                                                                                \
+        *s = atd_finish64(_mm512_castps512_ps256(S), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(S), 1))); \
     }                                                                                                       \
     TARGET static void atd_vec_dot_avx512_##DEC(int n, float * s, const void * vx, const void * vy,         \
                                                 int planes, int block) {                                   \
@@ -752,18 +732,10 @@ ATD_DEFINE_AVX512_KERNELS(gfni, ATD_TARGET_AVX512GFNI)
 // One activation row against many weight rows (token generation): 128-bit lane r holds block b of row
 // r (r = 0..3), so every lane meets the same activations, broadcast from memory, and no cross-block
 // transpose is needed. With VBMI each row's block is one masked load and every plane is gathered from
-// two pairs of rows by vpermi2b; without, four masked 16-byte loads per plane. The sum of q of each half
-// starts the accumulators (dword 0 of every lane), and the accumulators of two planes are reduced together
-// (a 4x4 transpose-add). Per row the float combination is the scalar loop's (lane b % 16 of that row),
-// so each result equals atd_vec_dot of that row bit for bit.
-
-// the int32 sums of each 128-bit lane (row r) of a, b, c, d: [a r0..r3 | b r0..r3 | c r0..r3 | d r0..r3]
-ATD_TARGET_AVX512 ATD_INLINE __m512i atd_lane_sums4(__m512i a, __m512i b, __m512i c, __m512i d) {
-    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-    const __m512i t2 = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
-    const __m512i u  = _mm512_add_epi32(_mm512_unpacklo_epi64(t1, t2), _mm512_unpackhi_epi64(t1, t2));
-    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), u);
-}
+// two pairs of rows by vpermi2b; without, four masked 16-byte loads per plane. The groups' sums of q
+// start the accumulator, whose int32 lanes are then the four groups' sums of each row: no reduction.
+// Per row the float combination is the scalar loop's (lane b % 4 of that row), so each result equals
+// atd_vec_dot of that row bit for bit.
 
 // plane i of block b of four rows, one per 128-bit lane (13 bytes, 3 zero lanes)
 ATD_TARGET_AVX512 ATD_INLINE __m512i atd_gather4_ins(const uint8_t * blk, size_t bx, int off) {
@@ -775,13 +747,13 @@ ATD_TARGET_AVX512 ATD_INLINE __m512i atd_gather4_ins(const uint8_t * blk, size_t
     return _mm512_inserti64x4(_mm512_castsi256_si512(P01), P23, 1);
 }
 
-// the plane scales of the four rows' blocks, for both halves: A[i] = [alpha_i r0..r3 | alpha_i r0..r3]
+// the plane scales of the four rows' blocks: A[i] lane r = alpha_i of row r, in all four of its floats
 ATD_TARGET_AVX512 ATD_INLINE void atd_gemv64_alpha_mul(const __m512i * R, const uint8_t * blk, size_t bx,
-                                                      int planes, __m256 * A) {
+                                                      int planes, __m512 * A) {
     (void)R;
     __m128 alpha[ATD_MAX_PLANES];
     atd_alpha4(blk, bx, 4, alpha);
-    for (int i = 0; i < planes; ++i) A[i] = _mm256_insertf128_ps(_mm256_castps128_ps256(alpha[i]), alpha[i], 1);
+    for (int i = 0; i < planes; ++i) A[i] = atd_alpha4x4(alpha[i]);
 }
 
 #define ATD_GEMV64_ROWS_mul(R, blk, bx, bsz) (void)(R)
@@ -796,30 +768,25 @@ ATD_TARGET_AVX512 ATD_INLINE void atd_gemv64_alpha_mul(const __m512i * R, const 
 #define ATD_GEMV64_PLANE_lut(R, idx, blk, bx, off)                                                           \
     _mm512_or_si512(_mm512_maskz_permutex2var_epi8(0x1fff1fffull, (R)[0], (idx), (R)[1]),                   \
                     _mm512_maskz_permutex2var_epi8(0x1fff1fffull << 32, (R)[2], (idx), (R)[3]))
-#endif
-#if defined(ATD_HAVE_AVX512VBMI)
-// word 8i + 4h + r of W takes word i (alpha_i) of row r's block: index i, + 32 for rows 1 and 3 (the second
+// word 4r + i of W takes word i (alpha_i) of row r's block: index i, + 32 for rows 1 and 3 (the second
 // table of the pairs R[0], R[1] and R[2], R[3])
 static const ATD_ALIGN64 uint16_t atd_gemv64_alpha_idx[32] = {
-    0, 32, 0, 32, 0, 32, 0, 32, 1, 33, 1, 33, 1, 33, 1, 33, 2, 34, 2, 34, 2, 34, 2, 34, 3, 35, 3, 35, 3, 35, 3, 35,
+    0, 1, 2, 3, 32, 33, 34, 35, 0, 1, 2, 3, 32, 33, 34, 35,
 };
-// the scales straight from the rows' blocks in R (fp16 word i of R[r]): word 8i + 4h + r of W is
-// alpha_i of row r, for both halves h, from two word permutes; then fp16 -> fp32
+// the scales straight from the rows' blocks in R (fp16 word i of R[r]): the 16 of the four rows by two
+// word permutes and one conversion, then each plane's to the four floats of each row
 ATD_TARGET_AVX512VBMI ATD_INLINE void atd_gemv64_alpha_lut(const __m512i * R, const uint8_t * blk, size_t bx,
-                                                          int planes, __m256 * A) {
+                                                          int planes, __m512 * A) {
     (void)blk;
     (void)bx;
     const __m512i   idx = _mm512_load_si512((const void *)atd_gemv64_alpha_idx);
-    const __mmask32 r01 = 0x33333333u;  // words of rows 0 and 1
+    const __mmask32 r01 = 0xffu;  // words of rows 0 and 1
     const __m512i   W   = _mm512_mask_blend_epi16(r01, _mm512_permutex2var_epi16(R[2], idx, R[3]),
                                                   _mm512_permutex2var_epi16(R[0], idx, R[1]));
-    const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(W));
-    A[0] = _mm512_castps512_ps256(lo);
-    A[1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lo), 1));
-    if (planes > 2) {
-        const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(W, 1));
-        A[2] = _mm512_castps512_ps256(hi);
-        A[3] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(hi), 1));
+    const __m512    F   = _mm512_cvtph_ps(_mm512_castsi512_si256(W));  // float 4r + i = alpha_i of row r
+    for (int i = 0; i < planes; ++i) {
+        A[i] = _mm512_permutexvar_ps(_mm512_setr_epi32(i, i, i, i, 4 + i, 4 + i, 4 + i, 4 + i, 8 + i, 8 + i, 8 + i,
+                                                       8 + i, 12 + i, 12 + i, 12 + i, 12 + i), F);
     }
 }
 #endif
@@ -844,56 +811,43 @@ ATD_TARGET_AVX512VBMI ATD_INLINE void atd_gemv64_alpha_lut(const __m512i * R, co
             for (int l = 0; l < 64; ++l) t[l] = (uint8_t)(((l >> 4) & 1) * 64 + 2 * planes + ATD_S64 * i + (l & 15)); \
             gidx[i] = _mm512_load_si512((const void *)t);                                                   \
         }                                                                                                   \
-        __m128 L[ATD_LANES];                                                                                \
-        for (int l = 0; l < ATD_LANES; ++l) L[l] = _mm_setzero_ps();                                        \
-        for (int b = 0; b < nb; ++b) {                                                                      \
+        __m512 L[ATD_LANES64]; /* lane r of L[l]: acc[l][0..3] of row r */                                  \
+        for (int l = 0; l < ATD_LANES64; ++l) L[l] = _mm512_setzero_ps();                                   \
+        for (int b4 = 0; b4 < nb; b4 += ATD_LANES64) {                                                      \
+          ATD_UNROLL for (int l = 0; l < ATD_LANES64; ++l) { /* unrolled: L[l] stays in a register */      \
+            const int b = b4 + l;                                                                           \
+            if (b >= nb) break;                                                                             \
             const block_atd_q8_64 * yb = y + b;                                                             \
-            __m512i o[ATD_Q8_64_GROUPS];                                                                    \
-            ATD_UNROLL for (int g = 0; g < ATD_Q8_64_GROUPS; ++g) {                                         \
-                o[g] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yb->qs[g]));                 \
+            __m512i o[ATD_TRITS_PER_BYTE];                                                                  \
+            ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {                                       \
+                o[k] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yb->qs[k]));                 \
             }                                                                                               \
+            const __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(),                                   \
+                                                  _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yb->sum))); \
             const uint8_t * blk = x + (size_t)b * bsz;                                                      \
-            for (int r = 0; r < 4; ++r) ATD_GEMV_PREFETCH(blk + (size_t)r * bx, bx, bsz);                       \
+            for (int r = 0; r < 4; ++r) ATD_GEMV_PREFETCH(blk + (size_t)r * bx, bx, bsz);                   \
             __m512i R[4];                                                                                   \
             ATD_GEMV64_ROWS_##DEC(R, blk, bx, bsz);                                                         \
-            /* -sum q of each half in dword 0 of every lane: each row's lane sum takes it once */          \
-            const __m512i init0 = _mm512_maskz_set1_epi32(0x1111, -yb->sum[0]);                             \
-            const __m512i init1 = _mm512_maskz_set1_epi32(0x1111, -yb->sum[1]);                             \
-            __m512i a[2 * ATD_MAX_PLANES];                                                                  \
+            __m512 A[ATD_MAX_PLANES];                                                                       \
+            atd_gemv64_alpha_##DEC(R, blk, bx, planes, A);                                                  \
+            __m512 acc = _mm512_setzero_ps();                                                               \
             ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
                 const __m512i P = ATD_GEMV64_PLANE_##DEC(R, gidx[i], blk, bx, 2 * planes + i * ATD_S64);    \
                 __m512i       c[ATD_TRITS_PER_BYTE];                                                        \
                 atd_codes512_##DEC(P, tab, c);                                                              \
-                __m512i a0 = _mm512_dpbusd_epi32(init0, c[0], o[0]);                                        \
-                __m512i a1 = _mm512_dpbusd_epi32(init1, c[2], o[3]);                                        \
-                a0 = _mm512_dpbusd_epi32(a0, c[1], o[1]);                                                   \
-                a1 = _mm512_dpbusd_epi32(a1, c[3], o[4]);                                                   \
-                a[2 * i]     = _mm512_dpbusd_epi32(a0, c[2], o[2]);                                         \
-                a[2 * i + 1] = _mm512_dpbusd_epi32(a1, c[4], o[5]);                                         \
+                __m512i a = _mm512_dpbusd_epi32(init, c[0], o[0]);                                          \
+                ATD_UNROLL for (int k = 1; k < ATD_TRITS_PER_BYTE; ++k) a = _mm512_dpbusd_epi32(a, c[k], o[k]); \
+                acc = _mm512_fmadd_ps(A[i], _mm512_cvtepi32_ps(a), acc);                                    \
             }                                                                                               \
-            __m256 A[ATD_MAX_PLANES];                                                                       \
-            atd_gemv64_alpha_##DEC(R, blk, bx, planes, A);                                                  \
-            /* acc = [half 0 | half 1] over the 4 rows: the fma chain over the planes, in plane order */    \
-            __m256 acc = _mm256_setzero_ps();                                                               \
-            for (int i = 0; i < planes; i += 2) {                                                           \
-                if (i + 1 < planes) {                                                                       \
-                    const __m512 F = _mm512_cvtepi32_ps(atd_lane_sums4(a[2 * i], a[2 * i + 1], a[2 * i + 2],  \
-                                                                       a[2 * i + 3]));                     \
-                    acc = _mm256_fmadd_ps(A[i], _mm512_castps512_ps256(F), acc);                            \
-                    acc = _mm256_fmadd_ps(A[i + 1], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(F), 1)), acc); \
-                } else {                                                                                    \
-                    acc = _mm256_fmadd_ps(A[i], _mm256_cvtepi32_ps(atd_lane_sums2(a[2 * i], a[2 * i + 1])), acc); \
-                }                                                                                           \
-            }                                                                                               \
-            const int l = b % ATD_LANES;                                                                    \
-            L[l] = _mm_fmadd_ps(_mm_set1_ps(yb->d[0]), _mm256_castps256_ps128(acc), L[l]);                  \
-            L[l] = _mm_fmadd_ps(_mm_set1_ps(yb->d[1]), _mm256_extractf128_ps(acc, 1), L[l]);                \
+            L[l] = _mm512_fmadd_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(yb->d)), acc, L[l]);                 \
+          }                                                                                                 \
         }                                                                                                   \
-        /* per row, the 16 lanes added pairwise as atd_dot_reduce16 does: vertical adds over 4 rows */      \
-        for (int w = ATD_LANES / 2; w >= 1; w /= 2) {                                                       \
-            for (int l = 0; l < w; ++l) L[l] = _mm_add_ps(L[l], L[l + w]);                                  \
-        }                                                                                                   \
-        _mm_storeu_ps(out, L[0]);                                                                           \
+        /* per row as atd_dot_reduce64: v_g = (acc0 + acc2) + (acc1 + acc3), (v0 + v1) + (v2 + v3) */      \
+        const __m512 v = _mm512_add_ps(_mm512_add_ps(L[0], L[2]), _mm512_add_ps(L[1], L[3]));               \
+        const __m512 t = _mm512_add_ps(v, _mm512_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));                \
+        const __m512 r = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));                \
+        _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(                                    \
+                               _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), r)));    \
     }                                                                                                       \
     TARGET static void atd_gemv64_avx512_##DEC(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y, \
                                                float * out, int planes) {                                  \
@@ -950,15 +904,14 @@ ATD_DEFINE_AVX512_GEMV64(gfni, ATD_TARGET_AVX512GFNI)
                     acc[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1)); \
                 }                                                                                           \
             }                                                                                               \
-            __m128i isum[1][ATD_MAX_PLANES];                                                                \
-            __m128  alpha[ATD_MAX_PLANES], dy[1];                                                           \
+            __m128i isum[ATD_MAX_PLANES];                                                                   \
+            __m128  alpha[ATD_MAX_PLANES];                                                                  \
             ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
-                isum[0][i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);                   \
+                isum[i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);                      \
             }                                                                                               \
             atd_alpha4(blk, bx, 4, alpha);                                                                  \
-            dy[0] = _mm_set1_ps(yb->d);                                                                     \
             const int l = b % ATD_LANES;                                                                    \
-            L[l] = atd_combine4(L[l], (const __m128i (*)[ATD_MAX_PLANES])isum, alpha, dy, planes, 1);       \
+            L[l] = atd_combine4(L[l], isum, alpha, _mm_set1_ps(yb->d), planes);                             \
         }                                                                                                   \
         for (int w = ATD_LANES / 2; w >= 1; w /= 2) {                                                       \
             for (int l = 0; l < w; ++l) L[l] = _mm_add_ps(L[l], L[l + w]);                                  \
@@ -996,10 +949,10 @@ static inline int32x4_t atd_neon_dot(int32x4_t acc, uint8x16_t codes, int8x16_t 
 #if defined(__ARM_FEATURE_DOTPROD)
     return vdotq_s32(acc, vreinterpretq_s8_u8(codes), q);  // codes 0..2 are valid int8
 #else
-    const int8x16_t c = vreinterpretq_s8_u8(codes);
-    int16x8_t       p = vmull_s8(vget_low_s8(c), vget_low_s8(q));
-    p                 = vmlal_s8(p, vget_high_s8(c), vget_high_s8(q));  // |.| <= 2 * 2 * 128
-    return vpadalq_s16(acc, p);
+    // int32 lane m gets bytes 4m..4m+3, as sdot does (the 64 family's group sums need it)
+    const int8x16_t c  = vreinterpretq_s8_u8(codes);
+    const int16x8_t lo = vmull_s8(vget_low_s8(c), vget_low_s8(q)), hi = vmull_s8(vget_high_s8(c), vget_high_s8(q));
+    return vpadalq_s16(acc, vpaddq_s16(lo, hi));  // pairs: |.| <= 2 * 2 * 128
 #endif
 }
 
@@ -1020,75 +973,87 @@ static inline int32x4_t atd_neon_bytes(int32x4_t acc, uint8x16_t x, const int8_t
     return acc;
 }
 
-static void atd_combine16_neon(float32x4_t * S, const atd_group * g, int planes, int halves) {
+// 16 blocks' integer sums, plane scales and activation scales of the 256 family, combined at once
+typedef struct {
+    int32_t  isum[ATD_MAX_PLANES][ATD_LANES];  // [plane][block % 16], sum t q (exact)
+    uint16_t alpha[ATD_MAX_PLANES][ATD_LANES];  // fp16 plane scales
+    float    dy[ATD_LANES];                     // activation scales
+} atd_group;
+
+static void atd_combine16_neon(float32x4_t * S, const atd_group * g, int planes) {
     for (int v = 0; v < 4; ++v) {
-        float32x4_t a[ATD_MAX_PLANES];
+        float32x4_t acc = vdupq_n_f32(0.0f);
         for (int i = 0; i < planes; ++i) {
-            a[i] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(g->alpha[i] + 4 * v)));
+            const float32x4_t a = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(g->alpha[i] + 4 * v)));
+            acc = vfmaq_f32(acc, a, vcvtq_f32_s32(vld1q_s32(g->isum[i] + 4 * v)));
         }
-        for (int h = 0; h < halves; ++h) {
-            float32x4_t acc = vdupq_n_f32(0.0f);
-            for (int i = 0; i < planes; ++i) {
-                acc = vfmaq_f32(acc, a[i], vcvtq_f32_s32(vld1q_s32(g->isum[h][i] + 4 * v)));
-            }
-            S[v] = vfmaq_f32(S[v], vld1q_f32(g->dy[h] + 4 * v), acc);
-        }
+        S[v] = vfmaq_f32(S[v], vld1q_f32(g->dy + 4 * v), acc);
     }
 }
 
 static void atd_vec_dot_neon(int n, float * s, const void * vx, const void * vy, int planes, int block) {
-    const uint8_t * x      = (const uint8_t *)vx;
-    const size_t    bsz    = ATD_TYPE_SIZE(planes, block);
-    const int       halves = atd_dot_halves(block);
-    const int       nb     = n / block;
-    atd_group       g;
-    float32x4_t     S[4] = { vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f) };
-    for (int b = 0; b < nb; ++b) {
-        const uint8_t * blk = x + (size_t)b * bsz;
-        const int       l   = b % ATD_LANES;
-        if (block == QK_ATD) {
-            const block_q8_K * yb = (const block_q8_K *)vy + b;
-            const int32_t sumq = vaddvq_s32(vaddq_s32(vpaddlq_s16(vld1q_s16(yb->bsums)),
-                                                      vpaddlq_s16(vld1q_s16(yb->bsums + 8))));
-            // bytes 0..15, 16..31, 32..47 and 36..51 (lanes 0..11 cleared); reads stay in the plane
-            // and, for the activations, inside the q8_K block (qs + 260 at most)
-            const uint8x16_t tail = vcombine_u8(vcreate_u8(0), vcreate_u8(0xffffffff00000000ull));
-            for (int i = 0; i < planes; ++i) {
-                const uint8_t * p   = blk + 2 * planes + i * ATD_S256;
-                int32x4_t       acc = vdupq_n_s32(0);
-                acc = atd_neon_bytes(acc, vld1q_u8(p), yb->qs, ATD_S256);
-                acc = atd_neon_bytes(acc, vld1q_u8(p + 16), yb->qs + 16, ATD_S256);
-                acc = atd_neon_bytes(acc, vld1q_u8(p + 32), yb->qs + 32, ATD_S256);
-                acc = atd_neon_bytes(acc, vandq_u8(vld1q_u8(p + 36), tail), yb->qs + 36, ATD_S256);
-                g.isum[0][i][l] = vaddvq_s32(acc) - sumq;
-            }
-        } else {
-            const block_atd_q8_64 * yb = (const block_atd_q8_64 *)vy + b;
-            const uint8x16_t        three = vdupq_n_u8(3);
+    const uint8_t * x   = (const uint8_t *)vx;
+    const size_t    bsz = ATD_TYPE_SIZE(planes, block);
+    const int       nb  = n / block;
+    if (block == QK_ATD_64) {
+        // one block at a time: the int32 lanes of each plane's sum are the four groups' sums
+        const block_atd_q8_64 * y     = (const block_atd_q8_64 *)vy;
+        const uint8x16_t        three = vdupq_n_u8(3);
+        float32x4_t             S[ATD_LANES64];
+        for (int l = 0; l < ATD_LANES64; ++l) S[l] = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t * blk  = x + (size_t)b * bsz;
+            const int32x4_t init = vnegq_s32(vld1q_s32(y[b].sum));
+            float32x4_t     acc  = vdupq_n_f32(0.0f);
             for (int i = 0; i < planes; ++i) {
                 // 13 plane bytes in a zeroed 16-byte buffer: no read past the row
                 uint8_t buf[16] = { 0 };
                 memcpy(buf, blk + 2 * planes + i * ATD_S64, ATD_S64);
                 uint8x16_t x8 = vld1q_u8(buf);
-                int32x4_t  a0 = atd_neon_dot(vdupq_n_s32(0), atd_neon_digit(x8), vld1q_s8(yb->qs[0]));
-                x8 = vmulq_u8(x8, three);
-                a0 = atd_neon_dot(a0, atd_neon_digit(x8), vld1q_s8(yb->qs[1]));
-                x8 = vmulq_u8(x8, three);
-                const uint8x16_t c2 = atd_neon_digit(x8);  // digit 2 straddles the halves
-                a0 = atd_neon_dot(a0, c2, vld1q_s8(yb->qs[2]));
-                int32x4_t a1 = atd_neon_dot(vdupq_n_s32(0), c2, vld1q_s8(yb->qs[3]));
-                x8 = vmulq_u8(x8, three);
-                a1 = atd_neon_dot(a1, atd_neon_digit(x8), vld1q_s8(yb->qs[4]));
-                x8 = vmulq_u8(x8, three);
-                a1 = atd_neon_dot(a1, atd_neon_digit(x8), vld1q_s8(yb->qs[5]));
-                g.isum[0][i][l] = vaddvq_s32(a0) - yb->sum[0];
-                g.isum[1][i][l] = vaddvq_s32(a1) - yb->sum[1];
+                int32x4_t  a  = init;
+                for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+                    a  = atd_neon_dot(a, atd_neon_digit(x8), vld1q_s8(y[b].qs[k]));
+                    x8 = vmulq_u8(x8, three);
+                }
+                acc = vfmaq_f32(acc, vdupq_n_f32(atd_dot_h2f(atd_dot_load_u16(blk + 2 * i))), vcvtq_f32_s32(a));
             }
+            S[b % ATD_LANES64] = vfmaq_f32(S[b % ATD_LANES64], vld1q_f32(y[b].d), acc);
         }
-        atd_group_put_scales(&g, l, blk, atd_dot_dy(vy, block, b), planes, halves);
+        float acc[ATD_LANES64][ATD_Q8_64_GROUPS];
+        for (int l = 0; l < ATD_LANES64; ++l) vst1q_f32(acc[l], S[l]);
+        *s = atd_dot_reduce64(acc);
+        return;
+    }
+    const block_q8_K * y = (const block_q8_K *)vy;
+    atd_group          g;
+    float32x4_t        S[4] = { vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f) };
+    // bytes 0..15, 16..31, 32..47 and 36..51 (lanes 0..11 cleared); reads stay in the plane and, for the
+    // activations, inside the q8_K block (qs + 260 at most)
+    const uint8x16_t tail = vcombine_u8(vcreate_u8(0), vcreate_u8(0xffffffff00000000ull));
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t *    blk  = x + (size_t)b * bsz;
+        const int          l    = b % ATD_LANES;
+        const block_q8_K * yb   = y + b;
+        const int32_t      sumq = vaddvq_s32(vaddq_s32(vpaddlq_s16(vld1q_s16(yb->bsums)),
+                                                       vpaddlq_s16(vld1q_s16(yb->bsums + 8))));
+        for (int i = 0; i < planes; ++i) {
+            const uint8_t * p   = blk + 2 * planes + i * ATD_S256;
+            int32x4_t       acc = vdupq_n_s32(0);
+            acc = atd_neon_bytes(acc, vld1q_u8(p), yb->qs, ATD_S256);
+            acc = atd_neon_bytes(acc, vld1q_u8(p + 16), yb->qs + 16, ATD_S256);
+            acc = atd_neon_bytes(acc, vld1q_u8(p + 32), yb->qs + 32, ATD_S256);
+            acc = atd_neon_bytes(acc, vandq_u8(vld1q_u8(p + 36), tail), yb->qs + 36, ATD_S256);
+            g.isum[i][l] = vaddvq_s32(acc) - sumq;
+            g.alpha[i][l] = atd_dot_load_u16(blk + 2 * i);
+        }
+        g.dy[l] = yb->d;
         if (l == ATD_LANES - 1 || b == nb - 1) {
-            atd_group_clear_tail(&g, l + 1);
-            atd_combine16_neon(S, &g, planes, halves);
+            // lanes past a last, partial group add nothing (d_y = 0, finite sums and scales)
+            for (int t = l + 1; t < ATD_LANES; ++t) {
+                g.dy[t] = 0.0f;
+                for (int i = 0; i < ATD_MAX_PLANES; ++i) g.isum[i][t] = 0, g.alpha[i][t] = 0;
+            }
+            atd_combine16_neon(S, &g, planes);
         }
     }
     float acc[ATD_LANES];
@@ -1421,6 +1386,70 @@ void atd_quantize_row_q8_K_ref(const float * x, block_q8_K * y, int64_t k) {
         }
         y[b].d = 1.0f / iscale;
     }
+}
+
+#if defined(ATD_HAVE_AVX2)
+// atd_q8_64 with AVX2, the same bytes as quantize_row_atd_q8_64: digit row k = x[13k .. 13k+15] as two
+// float32x8 (lanes j = 0..7: groups 0, 1; j = 8..15: group 2, group 3 at j = 12, the rest no element).
+// max_ps(a, m) is a > m ? a : m, the reference's comparison; cvtps rounds to nearest even as nearbyintf.
+ATD_TARGET_AVX2 static void atd_quantize_q8_64_avx2(const float * x, block_atd_q8_64 * y, int64_t nb) {
+    const __m256  sign  = _mm256_set1_ps(-0.0f);
+    const __m256i hi4   = _mm256_setr_epi32(-1, -1, -1, -1, -1, 0, 0, 0);  // j = 8..12
+    const __m256i hi4_4 = _mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0);   // digit 4: j = 8..11 (e < 64)
+    for (int64_t b = 0; b < nb; ++b) {
+        const float * xb = x + b * QK_ATD_64;
+        __m256        lo[ATD_TRITS_PER_BYTE], hi[ATD_TRITS_PER_BYTE];
+        __m256        mlo = _mm256_setzero_ps(), mhi = _mm256_setzero_ps();
+        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+            const float * r = xb + ATD_S64 * k;
+            lo[k] = _mm256_loadu_ps(r);
+            hi[k] = k < 4 ? _mm256_and_ps(_mm256_loadu_ps(r + 8), _mm256_castsi256_ps(hi4))
+                          : _mm256_maskload_ps(r + 8, hi4_4);  // elements 60..63 only: nothing past the row
+            mlo = _mm256_max_ps(_mm256_andnot_ps(sign, lo[k]), mlo);
+            mhi = _mm256_max_ps(_mm256_andnot_ps(sign, hi[k]), mhi);
+        }
+        // the max of each 4 lanes, in all four: groups [0 | 1] and [2 | 3]
+        mlo = _mm256_max_ps(mlo, _mm256_shuffle_ps(mlo, mlo, _MM_SHUFFLE(2, 3, 0, 1)));
+        mlo = _mm256_max_ps(mlo, _mm256_shuffle_ps(mlo, mlo, _MM_SHUFFLE(1, 0, 3, 2)));
+        mhi = _mm256_max_ps(mhi, _mm256_shuffle_ps(mhi, mhi, _MM_SHUFFLE(2, 3, 0, 1)));
+        mhi = _mm256_max_ps(mhi, _mm256_shuffle_ps(mhi, mhi, _MM_SHUFFLE(1, 0, 3, 2)));
+        const __m256 dlo = _mm256_div_ps(mlo, _mm256_set1_ps(127.0f)), dhi = _mm256_div_ps(mhi, _mm256_set1_ps(127.0f));
+        const __m256 one = _mm256_set1_ps(1.0f);
+        const __m256 ilo = _mm256_and_ps(_mm256_cmp_ps(dlo, _mm256_setzero_ps(), _CMP_NEQ_OQ), _mm256_div_ps(one, dlo));
+        const __m256 ihi = _mm256_and_ps(_mm256_cmp_ps(dhi, _mm256_setzero_ps(), _CMP_NEQ_OQ), _mm256_div_ps(one, dhi));
+        const __m256i qmax = _mm256_set1_epi32(127), qmin = _mm256_set1_epi32(-127);
+        __m256i       slo = _mm256_setzero_si256(), shi = _mm256_setzero_si256();
+        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+            __m256i ql = _mm256_cvtps_epi32(_mm256_mul_ps(lo[k], ilo));
+            __m256i qh = _mm256_cvtps_epi32(_mm256_mul_ps(hi[k], ihi));  // cleared lanes give 0
+            ql  = _mm256_max_epi32(_mm256_min_epi32(ql, qmax), qmin);
+            qh  = _mm256_max_epi32(_mm256_min_epi32(qh, qmax), qmin);
+            slo = _mm256_add_epi32(slo, ql);
+            shi = _mm256_add_epi32(shi, qh);
+            const __m256i q16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(ql, qh), 0xd8);  // j = 0..15
+            _mm_storeu_si128((__m128i *)y[b].qs[k],
+                             _mm_packs_epi16(_mm256_castsi256_si128(q16), _mm256_extracti128_si256(q16, 1)));
+        }
+        // group sums: the 4 lanes of each half
+        __m256i s = _mm256_hadd_epi32(slo, shi);  // [lo0+1 lo2+3 hi0+1 hi2+3 | lo4+5 lo6+7 hi4+5 hi6+7]
+        s = _mm256_hadd_epi32(s, s);              // [g0 g2 g0 g2 | g1 g3 g1 g3]
+        s = _mm256_permutevar8x32_epi32(s, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+        _mm_storeu_si128((__m128i *)y[b].sum, _mm256_castsi256_si128(s));
+        const __m256 d = _mm256_permutevar8x32_ps(_mm256_blend_ps(dlo, dhi, 0x22), _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+        _mm_storeu_ps(y[b].d, _mm256_castps256_ps128(d));
+    }
+}
+#endif
+
+// atd_q8_64 for ggml-cpu's from_float: the bytes of quantize_row_atd_q8_64 (the reference in atd-quants.c)
+void atd_quantize_row_q8_64(const float * x, void * vy, int64_t k) {
+#if defined(ATD_HAVE_AVX2)
+    if (atd_path_available(ATD_PATH_AVX2)) {
+        atd_quantize_q8_64_avx2(x, (block_atd_q8_64 *)vy, k / QK_ATD_64);
+        return;
+    }
+#endif
+    quantize_row_atd_q8_64(x, vy, k);
 }
 
 // ---- ggml-style wrappers -------------------------------------------------------------------------

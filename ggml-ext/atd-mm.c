@@ -9,14 +9,16 @@
 // (A_b bounds every level of the block, so no level is clipped), then one int8 x int8 multiply-add per
 // weight and activation, as ggml's Q8_0 GEMM does, instead of N exact ternary plane sums (N multiply-
 // adds). The price is the rounding of the levels to 255 steps: |s_b u_e - L_e| <= s_b / 2 = A_b / 254,
-// so the result differs from the one-row vec_dot by at most
+// so the result differs from the exact dot of the decoded weights and its activations (and, for the 256
+// family, whose activations are vec_dot's q8_K, from the one-row vec_dot) by at most
 //
 //   sum_b (A_b / 254) * sum_{e in b} |x_e|      (x_e = d_y q_e, the quantized activations)
 //
 // plus float rounding (docs/llama-plugin.md; tests/test_ggml_ext_dot.py checks the bound).
 //
 // Activations: the 256 family takes ggml's q8_K rows (the same as vec_dot); the 64 family takes
-// block_atd_q8_64mm rows (atd.h: natural order, a scale per 32, the same values as atd_q8_64).
+// block_atd_q8_64mm rows (atd.h: natural order, a scale per 32; vec_dot's atd_q8_64 has four scale groups
+// across each 4-byte k-group here, so the one-row and batched paths round the activations differently).
 // Float combination, the same bits on every path (explicit fused multiply-adds, fixed order):
 //   isum_h = sum_{e in h} u_e q_e        (int32, exact; vpdpbusd takes u + 128 and starts from -128 sum q)
 //   t      = fma(d_0, isum_0, 0)  [then t = fma(d_1, isum_1, t) for the 64 family's second scale]
@@ -105,7 +107,7 @@ ATD_TARGET_AVX2 static void atd_quantize_q8_64mm_avx2(const float * x, block_atd
 }
 #endif
 
-// natural order, per 32: d = max|x| / 127, q = nearest int of x / d (the values of quantize_row_atd_q8_64)
+// natural order, per 32: d = max|x| / 127, q = nearest int of x / d (atd.h's atd_quantize_group)
 void quantize_row_atd_q8_64mm(const float * x, void * vy, int64_t k) {
     block_atd_q8_64mm * y = (block_atd_q8_64mm *)vy;
 #if defined(ATD_HAVE_AVX2)
@@ -117,7 +119,7 @@ void quantize_row_atd_q8_64mm(const float * x, void * vy, int64_t k) {
     for (int64_t b = 0; b < k / QK_ATD_64; ++b) {
         for (int h = 0; h < 2; ++h) {
             int32_t sum;
-            y[b].d[h]    = atd_quantize_32(x + b * QK_ATD_64 + 32 * h, y[b].qs + 32 * h, &sum);
+            y[b].d[h]    = atd_quantize_group(x + b * QK_ATD_64 + 32 * h, 32, y[b].qs + 32 * h, &sum);
             y[b].bias[h] = -128 * sum;
         }
     }

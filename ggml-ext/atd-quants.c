@@ -974,17 +974,26 @@ int atd_validate_row(const void * vx, int64_t k, int planes, int block) {
 }
 
 // the 64 family's activations (ggml-base: the from_float_ref of its type traits)
-// atd_q8_64: per 32 values d = max|x| / 127 and q = nearest int of x / d (|q| <= 127), stored in the
-// digit groups of atd.h (atd_q8_64_group/lane), zero elsewhere; sum[h] = the sum of half h's q.
+// atd_q8_64: per scale group (atd.h: element 13k + j has group j / 4) d = max|x| / 127 and q = nearest
+// int of x / d (|q| <= 127), stored by digit (qs[k][j] = element 13k + j), zero elsewhere; sum[g] = the
+// sum of group g's q.
 void quantize_row_atd_q8_64(const float * x, void * vy, int64_t k) {
     block_atd_q8_64 * y = (block_atd_q8_64 *)vy;
     for (int64_t b = 0; b < k / QK_ATD_64; ++b) {
         memset(&y[b], 0, sizeof(y[b]));
-        for (int h = 0; h < 2; ++h) {
-            int8_t q[32];
-            y[b].d[h] = atd_quantize_32(x + b * QK_ATD_64 + 32 * h, q, &y[b].sum[h]);
-            for (int j = 0; j < 32; ++j) {
-                y[b].qs[atd_q8_64_group(32 * h + j)][atd_q8_64_lane(32 * h + j)] = q[j];
+        for (int g = 0; g < ATD_Q8_64_GROUPS; ++g) {
+            float  v[QK_ATD_64];
+            int8_t q[QK_ATD_64];
+            int    e[QK_ATD_64], n = 0;
+            for (int i = 0; i < QK_ATD_64; ++i) {
+                if (atd_q8_64_group(i) == g) {
+                    e[n]   = i;
+                    v[n++] = x[b * QK_ATD_64 + i];
+                }
+            }
+            y[b].d[g] = atd_quantize_group(v, n, q, &y[b].sum[g]);
+            for (int i = 0; i < n; ++i) {
+                y[b].qs[atd_q8_64_digit(e[i])][atd_q8_64_lane(e[i])] = q[i];
             }
         }
     }

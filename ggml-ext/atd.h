@@ -66,21 +66,21 @@ typedef ATD_BLOCK(3, QK_ATD_64) block_atd3_64;
 typedef ATD_BLOCK(4, QK_ATD_64) block_atd4_64;
 #undef ATD_BLOCK
 
-// Activations of the 64 family: int8 with one float scale per 32 (the precision of ggml's q8_0), laid
-// out in 16-byte groups, one per digit of the 13 plane bytes: group g lane j pairs with digit
-// ATD_Q8_64_DIGIT[g] of plane byte j. Digit 2 (elements 26..38) straddles the two halves, so it
-// has two groups: elements 26..31 (lanes 0..5) and 32..38 (lanes 6..12). Lanes that meet no
-// element of that group are zero. Groups 0..2 are elements 0..31, groups 3..5 elements 32..63.
-#define ATD_Q8_64_GROUPS 6
+// Activations of the 64 family: int8, stored by digit: qs[k][j] pairs with digit k of plane byte j, i.e.
+// element 13k + j (lanes 13..15 and element 64 = qs[4][12] are zero). Scale groups follow the 4-byte
+// columns of that layout: element 13k + j has group j / 4 (20, 20, 20 and 4 elements, at most 20 per
+// scale, finer than q8_0's 32). The int32 lanes of a vpdpbusd over one 16-byte digit group are then
+// exactly the four groups' sums: one accumulator per plane and no reduction.
+#define ATD_Q8_64_GROUPS 4
 typedef struct {
-    float   d[2];                  // x ~= d[h] * q for the elements of half h (0..31, 32..63)
-    int32_t sum[2];                // sum of the 32 q of each half
-    int8_t  qs[ATD_Q8_64_GROUPS][16];
+    float   d[ATD_Q8_64_GROUPS];    // x ~= d[g] * q for the elements of group g
+    int32_t sum[ATD_Q8_64_GROUPS];  // sum of the q of group g
+    int8_t  qs[ATD_TRITS_PER_BYTE][16];
 } block_atd_q8_64;
 
-// Activations of the 64 family for the batched kernels (atd-mm.c): natural order, the values of
-// block_atd_q8_64 (a scale per 32), and bias[h] = -128 * (sum of the 32 q of half h): the kernels
-// multiply the weights as unsigned bytes w + 128.
+// Activations of the 64 family for the batched kernels (atd-mm.c): natural order, a scale per 32 (as
+// ggml's q8_0: a k-group of 4 consecutive weights never spans two scales), and bias[h] = -128 * (sum
+// of the 32 q of half h): the kernels multiply the weights as unsigned bytes w + 128.
 typedef struct {
     float   d[2];
     int32_t bias[2];
@@ -105,30 +105,28 @@ ATD_STATIC_ASSERT(sizeof(block_atd1_64) == ATD_TYPE_SIZE(1, QK_ATD_64), "wrong a
 ATD_STATIC_ASSERT(sizeof(block_atd2_64) == ATD_TYPE_SIZE(2, QK_ATD_64), "wrong atd2_64 block size/padding");
 ATD_STATIC_ASSERT(sizeof(block_atd3_64) == ATD_TYPE_SIZE(3, QK_ATD_64), "wrong atd3_64 block size/padding");
 ATD_STATIC_ASSERT(sizeof(block_atd4_64) == ATD_TYPE_SIZE(4, QK_ATD_64), "wrong atd4_64 block size/padding");
-ATD_STATIC_ASSERT(sizeof(block_atd_q8_64) == 4*sizeof(int32_t) + ATD_Q8_64_GROUPS*16, "wrong atd_q8_64 block size");
+ATD_STATIC_ASSERT(sizeof(block_atd_q8_64) == 2*ATD_Q8_64_GROUPS*4 + ATD_TRITS_PER_BYTE*16, "wrong atd_q8_64 block size");
 ATD_STATIC_ASSERT(sizeof(block_atd_q8_64mm) == 4*sizeof(int32_t) + QK_ATD_64, "wrong atd_q8_64mm block size");
 ATD_STATIC_ASSERT(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K/16*sizeof(int16_t), "wrong q8_K block size");
 
 #ifndef ATD_CFFI_CDEF
-// group and lane of element e (0..63) in block_atd_q8_64
-static inline int atd_q8_64_group(int e) {
-    const int k = e / ATD_PLANE_BYTES(QK_ATD_64);
-    return k < 2 ? k : k == 2 ? (e < 32 ? 2 : 3) : k + 1;
-}
+// digit, lane and scale group of element e (0..63) in block_atd_q8_64
+static inline int atd_q8_64_digit(int e) { return e / ATD_PLANE_BYTES(QK_ATD_64); }
 static inline int atd_q8_64_lane(int e) { return e % ATD_PLANE_BYTES(QK_ATD_64); }
+static inline int atd_q8_64_group(int e) { return atd_q8_64_lane(e) / 4; }
 
-// The 64 family's activation rule (atd_q8_64 and the batched kernels' layout share it): per 32 values
-// d = max|x| / 127, q = nearest int of x / d (|q| <= 127); returns d, *sum = the sum of q
-static inline float atd_quantize_32(const float * x, int8_t * q, int32_t * sum) {
+// The 64 family's activation rule, per scale group (atd_q8_64) or per 32 values (the batched kernels):
+// n values: d = max|x| / 127, q = nearest int of x / d (|q| <= 127); returns d, *sum = the sum of q
+static inline float atd_quantize_group(const float * x, int n, int8_t * q, int32_t * sum) {
     float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < n; ++j) {
         const float a = fabsf(x[j]);
         amax = a > amax ? a : amax;
     }
     const float d  = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     int32_t     s  = 0;
-    for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < n; ++j) {
         int v = (int)nearbyintf(x[j] * id);
         v = v > 127 ? 127 : (v < -127 ? -127 : v);
         q[j] = (int8_t)v;
@@ -185,17 +183,21 @@ void atd_set_path(int path);
 void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, float * out);
 
 // Activation quantizers: q8_K (standalone builds: tests and benchmarks; ggml has its own) and the
-// 64 family's atd_q8_64 (also ggml's from_float for it): per 32, d = max|x| / 127, q = nearest int of x / d.
+// 64 family's atd_q8_64 (the reference: ggml-base's from_float_ref): per scale group, d = max|x| / 127,
+// q = nearest int of x / d.
 void atd_quantize_row_q8_K_ref(const float * x, block_q8_K * y, int64_t k);
 void quantize_row_atd_q8_64(const float * x, void * y, int64_t k);
+// the same bytes with SIMD where the CPU has it (ggml-cpu's from_float)
+void atd_quantize_row_q8_64(const float * x, void * y, int64_t k);
 
 // ---- batched matmul (atd-mm.c): more than one activation row ----------------------------------------
 //
 // dst[c * ldd + r] = row r of the weights (nr rows of n weights, stride bx bytes) . activation row c
 // (nc rows, stride by bytes: q8_K for B = QK_ATD, block_atd_q8_64mm for B = QK_ATD_64). Each weight
 // block is decoded once into int8 (a scale per block) and used for every activation row: the result
-// differs from atd_vec_dot by at most sum_blocks (sum_i |alpha_i| / 254) * sum_e |x_e| plus float
-// rounding. scratch: atd_mul_mat_scratch_size() bytes, one per concurrent call. Every path returns the
+// differs from the exact dot of the weights and these activations x by at most
+// sum_blocks (sum_i |alpha_i| / 254) * sum_e |x_e| plus float rounding (from atd_vec_dot's, for the 64
+// family, also by the other rounding of its activations). scratch: atd_mul_mat_scratch_size() bytes, one per concurrent call. Every path returns the
 // same bits; atd_mul_mat_path forces one (ATD_PATH_AUTO: the selected path).
 size_t   atd_mul_mat_scratch_size(void);
 void     atd_mul_mat(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by,

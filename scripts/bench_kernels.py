@@ -603,11 +603,13 @@ NOTES = """## Notes
   byte adds) the code of digit k is (3 x_k - x_{k+1}) / 256, so two vpdpbusd on the raw bytes give the
   plane sum of a digit.
 * **B = 64** (ATD*_64 against atd_q8_64): the activations come in 64-blocks stored by digit (16 bytes per
-  digit, zeros in the lanes no trit meets), with their sum precomputed; AVX-512 decodes four blocks per
-  zmm (vec_dot: four consecutive blocks of a row, the activation groups gathered by a 128-bit lane
-  transpose; gemv, the path of token generation in the patched llama.cpp: block b of four rows, the
-  activations broadcast). A 64-block needs a second vpdpbusd for digit 2 (it straddles the two scales
-  per 32) and its own float combination, so its rate per plane stays below the 256-blocks'.
+  digit, zeros in the lanes no trit meets) with four scale groups, the 4-byte columns of that layout, and
+  their sums precomputed; AVX-512 decodes four blocks per zmm (vec_dot: four consecutive blocks of a row,
+  the digit groups gathered by a 128-bit lane transpose; gemv, the path of token generation in the
+  patched llama.cpp: block b of four rows, the activations broadcast). One vpdpbusd accumulator per plane
+  holds the four groups' sums, so a plane costs the 256-blocks' five vpdpbusd; what keeps its rate below
+  theirs is the work per 64-block (activation loads, plane scales, a float step) and the gather of four
+  rows' planes.
 * **DRAM**: weight rows stream from memory once per token; vec_dot prefetches 2 KiB ahead, the gemv
   kernels the same block 8 rows later (their masked and unaligned plane loads alone leave the hardware
   prefetchers behind; docs/llama-plugin.md). Rows near the highest

@@ -100,7 +100,7 @@ def test_block_sizes_match_type_table():
     for t in G.ATD_TYPES:
         assert ffi.sizeof(f"block_{t.ggml_name}") == t.type_size, t.name
     assert ffi.sizeof("block_q8_K") == 4 + 256 + 2 * 16
-    assert ffi.sizeof("block_atd_q8_64") == 2 * 4 + 2 * 4 + 6 * 16  # d[2], sum[2], qs[group][16]
+    assert ffi.sizeof("block_atd_q8_64") == 4 * 4 + 4 * 4 + 5 * 16  # d[4], sum[4], qs[digit][16]
 
 
 # ----------------------------------------------------------------------------- fit: C == numpy

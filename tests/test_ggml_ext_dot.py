@@ -30,10 +30,11 @@ PATH_NAMES = {PATH_SCALAR: "scalar", PATH_AVX2: "avx2", PATH_AVX512: "avx512", P
 MAX_VARIANTS = 3
 
 Q8_K = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])
-# the 64 family's activations: a scale and a sum per 32, six 16-byte groups: digit k of byte j (element
-# 13k + j) in group k, except digit 2, split at element 32 into groups 2 (j < 6) and 3; then 3, 4 -> 4, 5
-ATD_Q8_64 = np.dtype([("d", "<f4", 2), ("sum", "<i4", 2), ("qs", "i1", (6, 16))])
-ELEMENT_LANES = np.array([16 * ((e // 13) if e < 32 else (e // 13) + 1) + e % 13 for e in range(64)])
+# the 64 family's activations (docs/atd-format.md §8): stored by digit, qs[k][j] = element 13k + j; four
+# scale groups, element 13k + j in group j // 4, with a scale and a sum each
+ATD_Q8_64 = np.dtype([("d", "<f4", 4), ("sum", "<i4", 4), ("qs", "i1", (5, 16))])
+ELEMENT_LANES = np.array([16 * (e // 13) + e % 13 for e in range(64)])
+ELEMENT_GROUPS = np.array([(e % 13) // 4 for e in range(64)])
 assert Q8_K.itemsize == 292 and ATD_Q8_64.itemsize == 112
 
 TYPES = [(n, b) for b in (256, 64) for n in (1, 2, 3, 4)]
@@ -101,6 +102,51 @@ def _random_row(rng, n_planes, block, n, kind="random"):
     return gguf_types.pack_blocks(trits, scales).reshape(-1)
 
 
+def _group_sums(q):
+    """(blocks, 64) q in element order -> (blocks, 4) sums of the four scale groups"""
+    return np.stack([q[:, ELEMENT_GROUPS == g].astype(np.int64).sum(-1) for g in range(4)], axis=-1)
+
+
+def _quantize_groups_ref(x):
+    """numpy's reading of the 64 family's activation rule over the last axis: d = max|x| / 127,
+    q = nearest int of x / d clamped to +-127 (float32 arithmetic) -> (d, q)"""
+    x = np.asarray(x, dtype=np.float32)
+    d = (np.abs(x).max(-1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8)
+    return d, q
+
+
+def test_atd_q8_64_matches_numpy(atd):
+    """quantize_row_atd_q8_64 against the rule of docs/atd-format.md §8, read independently: four scale
+    groups per 64 (element 13k + j in group j // 4), stored by digit, zero in every other lane."""
+    lib, ffi, _, _ = atd
+    rng = np.random.default_rng(64)
+    nb = 40
+    x = (rng.standard_normal((nb, 64)) * np.exp(rng.standard_normal((nb, 1)) * 3)).astype(np.float32)
+    x[3] = 0.0  # an all-zero block
+    x[4, ELEMENT_GROUPS == 3] = 0.0  # an all-zero group
+    x[5, 12] = 1e4  # an outlier: only its group's scale grows
+    y = ffi.new("block_atd_q8_64[]", nb)
+    lib.quantize_row_atd_q8_64(ffi.cast("const float *", ffi.from_buffer(x)), y, nb * 64)
+    arr = np.frombuffer(ffi.buffer(y), dtype=ATD_Q8_64)
+    qs = arr["qs"].reshape(nb, 80)
+    for g in range(4):
+        d_ref, q_ref = _quantize_groups_ref(x[:, ELEMENT_GROUPS == g])
+        assert np.array_equal(arr["d"][:, g], d_ref), g
+        assert np.array_equal(qs[:, ELEMENT_LANES[ELEMENT_GROUPS == g]], q_ref), g
+        assert np.array_equal(arr["sum"][:, g], q_ref.astype(np.int64).sum(-1)), g
+    others = np.setdiff1d(np.arange(80), ELEMENT_LANES)
+    assert len(others) == 16 and (qs[:, others] == 0).all()
+    assert arr["d"][5, 3] > 1e4 / 128 and (arr["d"][5, :3] < 1.0).all()
+    # ggml-cpu's from_float (SIMD where the CPU has it) writes the same bytes, every row length
+    for nblk in (1, 2, 7, nb):
+        ys = ffi.new("block_atd_q8_64[]", nblk)
+        lib.atd_quantize_row_q8_64(ffi.cast("const float *", ffi.from_buffer(x)), ys, nblk * 64)
+        assert bytes(ffi.buffer(ys)) == bytes(ffi.buffer(y))[: nblk * ATD_Q8_64.itemsize], nblk
+
+
 def _activations(lib, ffi, rng, block, n, kind="random"):
     """q8 activations (cdata, numpy view, dequantized float64)."""
     x = (rng.standard_normal(n) * np.exp(rng.standard_normal() * 2)).astype(np.float32)
@@ -117,12 +163,12 @@ def _activations(lib, ffi, rng, block, n, kind="random"):
         y = ffi.new("block_atd_q8_64[]", n // 64)
         lib.quantize_row_atd_q8_64(xp, y, n)
         arr = np.frombuffer(ffi.buffer(y), dtype=ATD_Q8_64)
-        qs = arr["qs"].reshape(-1, 96)
+        qs = arr["qs"].reshape(-1, 80)
         if kind == "extreme":  # full int8 range incl. -128 in the 64 element lanes, consistent sums
             qs[:, ELEMENT_LANES] = np.where(rng.random((qs.shape[0], 64)) < 0.5, -128, 127)
-            arr["sum"] = qs[:, ELEMENT_LANES].reshape(-1, 2, 32).astype(np.int32).sum(-1)
-        # docs/atd-format.md §8: element e at ELEMENT_LANES[e], scale d[e // 32]
-        act = (np.repeat(arr["d"].astype(np.float64), 32, axis=1) * qs[:, ELEMENT_LANES]).reshape(-1)
+            arr["sum"] = _group_sums(qs[:, ELEMENT_LANES])
+        # element e at ELEMENT_LANES[e], scale d[ELEMENT_GROUPS[e]]
+        act = (arr["d"].astype(np.float64)[:, ELEMENT_GROUPS] * qs[:, ELEMENT_LANES]).reshape(-1)
     return y, x, act
 
 
@@ -297,8 +343,9 @@ def test_simd_paths_are_faster_than_scalar(atd):
 #
 # ggml-ext/atd-mm.c (more than one activation row): each weight block is decoded once into int8 with one
 # step per block, s_b = A_b / 127 where A_b = sum_i |alpha_i|, so every weight moves by at most
-# A_b / 254, and a result differs from the exact dot of the decoded weights and activations (and from
-# the one-row vec_dot) by at most  sum_b (A_b / 254) * sum_{e in b} |x_e|  plus float rounding.
+# A_b / 254, and a result differs from the exact dot of the decoded weights and activations by at most
+# sum_b (A_b / 254) * sum_{e in b} |x_e|  plus float rounding; from the one-row vec_dot by that plus, for
+# the 64 family, sum_e |w_e| |x_e - x'_e| (x': vec_dot's own rounding of the activations).
 
 ATD_Q8_64MM = np.dtype([("d", "<f4", 2), ("bias", "<i4", 2), ("qs", "i1", 64)])
 assert ATD_Q8_64MM.itemsize == 80
@@ -306,33 +353,35 @@ assert ATD_Q8_64MM.itemsize == 80
 
 def _mm_activations(lib, ffi, rng, block, n, nc, extreme=False):
     """nc activation rows for the batched kernels and for vec_dot: (batched cdata, row bytes, vec_dot
-    cdata list, dequantized float64 (nc, n))."""
+    cdata list, dequantized float64 (nc, n) of each). The 256 family shares q8_K; the 64 family's batched
+    kernels take a scale per 32 in natural order, vec_dot its four scale groups."""
     x = (rng.standard_normal((nc, n)) * np.exp(rng.standard_normal((nc, 1)) * 2)).astype(np.float32)
     if extreme:
         x[:, rng.integers(0, n, 3)] *= 1e3  # outliers
     by = int(lib.atd_mm_act_row_size(block, n))
     ybuf = ffi.new("char[]", by * nc)
-    yv, act = [], np.zeros((nc, n))
+    yv, act, act_vd = [], np.zeros((nc, n)), np.zeros((nc, n))
     for c in range(nc):
         xp = ffi.cast("const float *", ffi.from_buffer(x[c]))
         if block == 256:
             lib.atd_quantize_row_q8_K_ref(xp, ffi.cast("block_q8_K *", ybuf + c * by), n)
             arr = np.frombuffer(ffi.buffer(ybuf + c * by, by), dtype=Q8_K)
-            act[c] = (arr["d"].astype(np.float64)[:, None] * arr["qs"]).reshape(-1)
+            act[c] = act_vd[c] = (arr["d"].astype(np.float64)[:, None] * arr["qs"]).reshape(-1)
             yv.append(ffi.cast("block_q8_K *", ybuf + c * by))
         else:
             lib.quantize_row_atd_q8_64mm(xp, ybuf + c * by, n)
             arr = np.frombuffer(ffi.buffer(ybuf + c * by, by), dtype=ATD_Q8_64MM)
             act[c] = (np.repeat(arr["d"].astype(np.float64), 32, axis=1) * arr["qs"]).reshape(-1)
             assert np.array_equal(arr["bias"], -128 * arr["qs"].reshape(-1, 2, 32).astype(np.int64).sum(-1))
+            # a scale per 32 in natural order (numpy's reference of the rule)
+            d_ref, q_ref = _quantize_groups_ref(x[c].reshape(-1, 2, 32))
+            assert np.array_equal(arr["d"], d_ref.reshape(-1, 2)) and np.array_equal(arr["qs"], q_ref.reshape(-1, 64))
             y = ffi.new("block_atd_q8_64[]", n // 64)
             lib.quantize_row_atd_q8_64(xp, y, n)
             v = np.frombuffer(ffi.buffer(y), dtype=ATD_Q8_64)
-            # the same values as vec_dot's activations, only in natural order
-            assert np.array_equal(v["d"], arr["d"])
-            assert np.array_equal(v["qs"].reshape(-1, 96)[:, ELEMENT_LANES], arr["qs"])
+            act_vd[c] = (v["d"].astype(np.float64)[:, ELEMENT_GROUPS] * v["qs"].reshape(-1, 80)[:, ELEMENT_LANES]).reshape(-1)
             yv.append(y)
-    return ybuf, by, yv, act
+    return ybuf, by, yv, act, act_vd
 
 
 def _mm(lib, ffi, n, planes, block, w, nr, ybuf, by, nc, path):
@@ -357,7 +406,7 @@ def _mm_bound(w, tname, act):
 def _check_batched(lib, ffi, lib2, rng, tname, w, nc, extreme=False):
     t = gguf_types.atd_type(tname)
     nr, n = w.shape[0], w.shape[1] // t.type_size * t.block_size
-    ybuf, by, yv, act = _mm_activations(lib, ffi, rng, t.block_size, n, nc, extreme)
+    ybuf, by, yv, act, act_vd = _mm_activations(lib, ffi, rng, t.block_size, n, nc, extreme)
     ref = _mm(lib, ffi, n, t.planes, t.block_size, w, nr, ybuf, by, nc, PATH_SCALAR)
     # every path and variant: the same bits
     for p, v in _runnable(lib, lib2):
@@ -374,7 +423,9 @@ def _check_batched(lib, ffi, lib2, rng, tname, w, nc, extreme=False):
     assert (err <= bound * (1 + 1e-5) + slack).all(), (tname, float((err / (bound + slack)).max()))
     vd = np.array([[float(_dot(lib, ffi, n, w[r], yv[c], t.planes, t.block_size, PATH_SCALAR)) for c in range(nc)]
                    for r in range(nr)])
-    assert (np.abs(ref.T - vd) <= bound * (1 + 1e-5) + 2 * slack).all(), tname
+    # against vec_dot, also the difference of the two activation quantizations (0 for the 256 family)
+    act_diff = np.abs(wdq) @ np.abs(act - act_vd).T
+    assert (np.abs(ref.T - vd) <= bound * (1 + 1e-5) + act_diff * (1 + 1e-5) + 2 * slack).all(), tname
     return float((err / (bound + slack)).max())
 
 
@@ -435,7 +486,7 @@ def test_batched_simd_paths_are_faster_than_scalar(atd):
     for planes, block in ((2, 256), (3, 64)):
         n, nr, nc = 1024, 32, 8
         w = np.stack([_random_row(rng, planes, block, n) for _ in range(nr)])
-        ybuf, by, _, _ = _mm_activations(lib, ffi, rng, block, n, nc)
+        ybuf, by, _, _, _ = _mm_activations(lib, ffi, rng, block, n, nc)
 
         def best_time(path, reps=5):
             best = float("inf")
@@ -455,7 +506,7 @@ def test_batched_calls_are_counted(atd):
     lib, ffi, _, _ = atd
     rng = np.random.default_rng(4)
     w = np.stack([_random_row(rng, 2, 256, 512) for _ in range(3)])
-    ybuf, by, _, _ = _mm_activations(lib, ffi, rng, 256, 512, 2)
+    ybuf, by, _, _, _ = _mm_activations(lib, ffi, rng, 256, 512, 2)
     before = lib.atd_mul_mat_calls()
     _mm(lib, ffi, 512, 2, 256, w, 3, ybuf, by, 2, PATH_AUTO)
     assert lib.atd_mul_mat_calls() == before + 1

@@ -54,10 +54,10 @@ static void pack_block(uint8_t * dst, int N, int B, const uint16_t * d, const ui
     }
 }
 
-// the 16-byte group of element e in block_atd_q8_64 (digit e / 13; digit 2 split at element 32)
-static int group64(int e) {
-    const int k = e / 13;
-    return k < 2 ? k : k == 2 ? (e < 32 ? 2 : 3) : k + 1;
+// block_atd_q8_64, read by this test's own formulas: element e sits at qs[e / 13][e % 13] and has the
+// scale group (e % 13) / 4
+static int scale64(int e) {
+    return (e % 13) / 4;
 }
 
 // ---- one row -----------------------------------------------------------------------------------
@@ -128,20 +128,19 @@ static row_t make_row(int N, int B, int n, int kind) {
         if (kind == 1) {
             for (int b = 0; b < n / QK_ATD_64; ++b) {
                 const int sgn = (int)(rng_u64() % 3);
-                y[b].sum[0] = y[b].sum[1] = 0;
+                for (int g = 0; g < 4; ++g) y[b].sum[g] = 0;
                 for (int e = 0; e < QK_ATD_64; ++e) {
                     const int8_t q = (int8_t)(sgn == 0 ? 127 : sgn == 1 ? -128 : ((rng_u64() & 1) ? 127 : -128));
-                    y[b].qs[group64(e)][e % 13] = q;
-                    y[b].sum[e / 32] += q;
+                    y[b].qs[e / 13][e % 13] = q;
+                    y[b].sum[scale64(e)] += q;
                 }
-                y[b].d[0] = (float)h2d(rand_half(0));
-                y[b].d[1] = (float)h2d(rand_half(0));
+                for (int g = 0; g < 4; ++g) y[b].d[g] = (float)h2d(rand_half(0));
             }
         }
-        // the group layout, read back by this test's own index formula
+        // the digit layout, read back by this test's own index formulas
         for (int b = 0; b < n / QK_ATD_64; ++b)
             for (int e = 0; e < QK_ATD_64; ++e)
-                r.a[b * QK_ATD_64 + e] = (double)y[b].d[e / 32] * y[b].qs[group64(e)][e % 13];
+                r.a[b * QK_ATD_64 + e] = (double)y[b].d[scale64(e)] * y[b].qs[e / 13][e % 13];
         r.y = y;
     }
     free(f);
@@ -263,24 +262,21 @@ static void test_quantizers(void) {
     quantize_row_atd_q8_64(x, y6, K);
     ok = 1;
     for (int b = 0; b < K / QK_ATD_64; ++b) {
-        int     sum[2] = { 0, 0 }, used[6][16] = { { 0 } };
+        int     sum[4] = { 0 }, used[5][16] = { { 0 } };
+        float   amax[4] = { 0.0f };
         for (int e = 0; e < QK_ATD_64; ++e) {
-            const double d = y6[b].d[e / 32];
-            const int    q = y6[b].qs[group64(e)][e % 13];
-            used[group64(e)][e % 13] = 1;
+            const double d = y6[b].d[scale64(e)];
+            const int    q = y6[b].qs[e / 13][e % 13];
+            used[e / 13][e % 13] = 1;
             ok &= fabs(d * q - x[b * QK_ATD_64 + e]) <= d * 0.5001 + 1e-6;
-            sum[e / 32] += q;
+            sum[scale64(e)] += q;
+            amax[scale64(e)] = fmaxf(amax[scale64(e)], fabsf(x[b * QK_ATD_64 + e]));
         }
-        for (int g = 0; g < 6; ++g)
-            for (int j = 0; j < 16; ++j) ok &= used[g][j] || y6[b].qs[g][j] == 0;  // lanes no element meets
-        ok &= sum[0] == y6[b].sum[0] && sum[1] == y6[b].sum[1];
-        for (int h = 0; h < 2; ++h) {  // d = max |x| / 127 of each half
-            float amax = 0.0f;
-            for (int e = 32 * h; e < 32 * h + 32; ++e) amax = fmaxf(amax, fabsf(x[b * QK_ATD_64 + e]));
-            ok &= y6[b].d[h] == amax / 127.0f;
-        }
+        for (int k = 0; k < 5; ++k)
+            for (int j = 0; j < 16; ++j) ok &= used[k][j] || y6[b].qs[k][j] == 0;  // lanes no element meets
+        for (int g = 0; g < 4; ++g) ok &= sum[g] == y6[b].sum[g] && y6[b].d[g] == amax[g] / 127.0f;
     }
-    CHECK(ok, "atd_q8_64 quantizer (scales per 32, group layout, zero lanes, sums)");
+    CHECK(ok, "atd_q8_64 quantizer (four scale groups, digit layout, zero lanes, sums)");
     float z[QK_K] = { 0 };
     atd_quantize_row_q8_K_ref(z, yk, QK_K);
     CHECK(yk[0].d == 0.0f && yk[0].qs[0] == 0 && yk[0].bsums[0] == 0, "q8_K of zeros");
