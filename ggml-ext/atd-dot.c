@@ -397,15 +397,16 @@ ATD_TARGET_AVX2 ATD_INLINE void atd_codes64_avx2(const uint8_t * p, __m256i * c)
     c[2] = atd_code256_signed(v);  // the high lane meets zero activations
 }
 
-// B = 64, two blocks j = 0, 1 (block j in 128-bit lane j): the plane scale alpha (lanes j0, j1 of the
-// four blocks' alpha) and the activation scales of each group
+// B = 64, blocks j0, j0 + 1 of four (block j0 + z in 128-bit lane z): the plane scale from the four
+// blocks' alpha, and the activation scales of each group (0 for blocks >= m)
 ATD_TARGET_AVX2 ATD_INLINE __m256 atd_alpha2x4(__m128 alpha, int j0) {
     const __m256i idx = _mm256_setr_epi32(j0, j0, j0, j0, j0 + 1, j0 + 1, j0 + 1, j0 + 1);
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(alpha), idx);
 }
-ATD_TARGET_AVX2 ATD_INLINE __m256 atd_dy2x4(const block_atd_q8_64 * y, int m) {
-    const __m128 d1 = m > 1 ? _mm_loadu_ps(y[1].d) : _mm_setzero_ps();
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(m > 0 ? _mm_loadu_ps(y[0].d) : _mm_setzero_ps()), d1, 1);
+ATD_TARGET_AVX2 ATD_INLINE __m256 atd_dy2x4(const block_atd_q8_64 * y, int j0, int m) {
+    const __m128 d0 = j0 < m ? _mm_loadu_ps(y[j0].d) : _mm_setzero_ps();
+    const __m128 d1 = j0 + 1 < m ? _mm_loadu_ps(y[j0 + 1].d) : _mm_setzero_ps();
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(d0), d1, 1);
 }
 
 #define ATD_DEFINE_AVX2_KERNELS(SFX, TARGET, K256)                                                           \
@@ -456,7 +457,7 @@ ATD_TARGET_AVX2 ATD_INLINE __m256 atd_dy2x4(const block_atd_q8_64 * y, int m) {
                                                               isum[2 * h + 1][i], 1);                       \
                     acc = _mm256_fmadd_ps(atd_alpha2x4(alpha[i], 2 * h), _mm256_cvtepi32_ps(I), acc);       \
                 }                                                                                           \
-                S[h] = _mm256_fmadd_ps(atd_dy2x4(y + b0 + 2 * h, m - 2 * h), acc, S[h]);                    \
+                S[h] = _mm256_fmadd_ps(atd_dy2x4(y + b0, 2 * h, m), acc, S[h]);                             \
             }                                                                                               \
         }                                                                                                   \
         *s = atd_finish64(S[0], S[1]);                                                                      \
@@ -495,6 +496,108 @@ ATD_DEFINE_AVX2_KERNELS(vnni, ATD_TARGET_AVXVNNI, atd_k256_avx2_vnni)
 ATD_DEFINE_AVX2_ACC256_X(evex, ATD_TARGET_AVX512)
 ATD_DEFINE_K256(atd_k256_avx2_evex, ATD_TARGET_AVX512, atd_acc256_avx2_x_evex, 8)
 ATD_DEFINE_AVX2_KERNELS(evex, ATD_TARGET_AVX512, atd_k256_avx2_evex)
+#endif
+
+// ---- AVX2 gemv of the 64 family: two rows per ymm ---------------------------------------------------------
+//
+// One activation row against many weight rows (token generation): 128-bit lane z holds block b of row
+// r + z, so both lanes meet the same activations (broadcast) and every digit of a plane is one 16-byte
+// group, no digit pairing. The int32 lanes of the plane sum are the four scale groups' sums of each row.
+// With vpdpbusd the plane sum takes the x-trick of the 256-blocks: with x_{k+1} = 3 x_k mod 256,
+// 256 sum_k c_k q_k = 3 sum_k x_k q_k - sum_k x_{k+1} q_k (two vpdpbusd and two byte adds per digit);
+// with maddubs the signed-compare codes. The float combination is vec_dot's, per row, so each result
+// equals atd_vec_dot of that row bit for bit.
+
+// the four groups' sum t q of one plane of two rows: P the plane bytes (lanes 13..15 meet zeros), o the
+// five digit groups (both lanes), init = 256 * sum q (x-trick) or -sum q (maddubs) of each group
+#define ATD_DEFINE_AVX2_PLANE64X2_X(SFX, TARGET)                                                             \
+    TARGET ATD_INLINE __m256i atd_plane64x2_##SFX(__m256i P, const __m256i * o, __m256i init) {              \
+        __m256i D = _mm256_setzero_si256(), E = init;                                                        \
+        ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {                                            \
+            D = ATD_AVX2_DOT_##SFX##_ADD(D, P, o[k]);                                                        \
+            P = atd_times3_epi8(P);                                                                          \
+            E = ATD_AVX2_DOT_##SFX##_ADD(E, P, o[k]);                                                        \
+        }                                                                                                    \
+        return _mm256_srai_epi32(_mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(D, D), D), E), 8);      \
+    }
+ATD_TARGET_AVX2 ATD_INLINE __m256i atd_plane64x2_mad(__m256i P, const __m256i * o, __m256i init) {
+    __m256i Y = _mm256_xor_si256(P, _mm256_set1_epi8((char)0x80)), a = _mm256_setzero_si256();
+    ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+        a = ATD_AVX2_DOT_mad_ADD(a, atd_code256_signed(Y), o[k]);  // int16: |.| <= 5 * 2 * 2 * 128
+        if (k + 1 < ATD_TRITS_PER_BYTE) Y = atd_times3_epi8(Y);
+    }
+    return _mm256_add_epi32(ATD_AVX2_DOT_mad_I32(a), init);
+}
+#define ATD_AVX2_GEMV64_INIT_mad(sum)  _mm256_sub_epi32(_mm256_setzero_si256(), (sum))
+#define ATD_AVX2_GEMV64_INIT_vnni(sum) _mm256_slli_epi32((sum), 8)
+#define ATD_AVX2_GEMV64_INIT_evex(sum) _mm256_slli_epi32((sum), 8)
+
+#define ATD_DEFINE_AVX2_GEMV64(SFX, TARGET)                                                                  \
+    TARGET ATD_INLINE void atd_gemv64_avx2_##SFX##_k(int n, const uint8_t * x, size_t bx,                    \
+                                                     const block_atd_q8_64 * y, float * out, const int planes) { \
+        const int    nb  = n / QK_ATD_64;                                                                   \
+        const size_t bsz = ATD_TYPE_SIZE(planes, QK_ATD_64);                                                \
+        /* the last block of both rows, padded: the 16-byte plane loads read 3 bytes past a plane */       \
+        uint8_t last[2][ATD_TYPE_SIZE(ATD_MAX_PLANES, QK_ATD_64) + 16] = { { 0 } };                         \
+        memcpy(last[0], x + (size_t)(nb - 1) * bsz, bsz);                                                   \
+        memcpy(last[1], x + bx + (size_t)(nb - 1) * bsz, bsz);                                              \
+        __m256 L[ATD_LANES64]; /* lane z of L[l]: acc[l][0..3] of row z */                                  \
+        for (int l = 0; l < ATD_LANES64; ++l) L[l] = _mm256_setzero_ps();                                   \
+        for (int b4 = 0; b4 < nb; b4 += ATD_LANES64) {                                                      \
+          ATD_UNROLL for (int l = 0; l < ATD_LANES64; ++l) { /* unrolled: L[l] stays in a register */      \
+            const int b = b4 + l;                                                                           \
+            if (b >= nb) break;                                                                             \
+            const block_atd_q8_64 * yb = y + b;                                                             \
+            __m256i o[ATD_TRITS_PER_BYTE];                                                                  \
+            ATD_UNROLL for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {                                       \
+                o[k] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)yb->qs[k]));            \
+            }                                                                                               \
+            const __m256i init = ATD_AVX2_GEMV64_INIT_##SFX(                                                \
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)yb->sum)));                    \
+            const uint8_t * b0 = b == nb - 1 ? last[0] : x + (size_t)b * bsz;                               \
+            const uint8_t * b1 = b == nb - 1 ? last[1] : x + bx + (size_t)b * bsz;                          \
+            ATD_GEMV_PREFETCH(x + (size_t)b * bsz, bx, bsz);                                                \
+            ATD_GEMV_PREFETCH(x + bx + (size_t)b * bsz, bx, bsz);                                           \
+            /* the plane scales of both rows: float 4z + i = alpha_i of row z */                            \
+            const __m256 F = _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)b0),       \
+                                                                _mm_loadl_epi64((const __m128i *)b1)));     \
+            __m256 acc = _mm256_setzero_ps();                                                               \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                const int     off = 2 * planes + i * ATD_S64;                                               \
+                const __m256i P   = _mm256_inserti128_si256(                                                \
+                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + off))),                   \
+                    _mm_loadu_si128((const __m128i *)(b1 + off)), 1);                                       \
+                const __m256 A = _mm256_permutevar8x32_ps(F, _mm256_setr_epi32(i, i, i, i, 4 + i, 4 + i, 4 + i, 4 + i)); \
+                acc = _mm256_fmadd_ps(A, _mm256_cvtepi32_ps(atd_plane64x2_##SFX(P, o, init)), acc);         \
+            }                                                                                               \
+            L[l] = _mm256_fmadd_ps(_mm256_broadcast_ps((const __m128 *)yb->d), acc, L[l]);                  \
+          }                                                                                                 \
+        }                                                                                                   \
+        /* per row as atd_dot_reduce64: v_g = (acc0 + acc2) + (acc1 + acc3), (v0 + v1) + (v2 + v3) */      \
+        const __m256 v = _mm256_add_ps(_mm256_add_ps(L[0], L[2]), _mm256_add_ps(L[1], L[3]));               \
+        const __m256 t = _mm256_add_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));                \
+        const __m256 r = _mm256_add_ps(t, _mm256_shuffle_ps(t, t, _MM_SHUFFLE(1, 0, 3, 2)));                \
+        out[0] = _mm256_cvtss_f32(r);                                                                       \
+        out[1] = _mm_cvtss_f32(_mm256_extractf128_ps(r, 1));                                                \
+    }                                                                                                       \
+    TARGET static void atd_gemv64_avx2_##SFX(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y,  \
+                                             float * out, int planes) {                                    \
+        switch (planes) {                                                                                   \
+            case 1: atd_gemv64_avx2_##SFX##_k(n, x, bx, y, out, 1); break;                                  \
+            case 2: atd_gemv64_avx2_##SFX##_k(n, x, bx, y, out, 2); break;                                  \
+            case 3: atd_gemv64_avx2_##SFX##_k(n, x, bx, y, out, 3); break;                                  \
+            default: atd_gemv64_avx2_##SFX##_k(n, x, bx, y, out, 4); break;                                 \
+        }                                                                                                   \
+    }
+
+ATD_DEFINE_AVX2_GEMV64(mad, ATD_TARGET_AVX2)
+#if defined(ATD_HAVE_AVXVNNI)
+ATD_DEFINE_AVX2_PLANE64X2_X(vnni, ATD_TARGET_AVXVNNI)
+ATD_DEFINE_AVX2_GEMV64(vnni, ATD_TARGET_AVXVNNI)
+#endif
+#if defined(ATD_HAVE_AVX512)
+ATD_DEFINE_AVX2_PLANE64X2_X(evex, ATD_TARGET_AVX512)
+ATD_DEFINE_AVX2_GEMV64(evex, ATD_TARGET_AVX512)
 #endif
 
 // ---- AVX-512 (F/BW/VL/VNNI; VBMI) -------------------------------------------------------------------------
@@ -1307,12 +1410,14 @@ void atd_vec_dot(int n, float * s, const void * vx, const void * vy, int planes,
 
 #if defined(ATD_HAVE_AVX512)
 typedef void (*atd_gemv256_fn)(int n, const uint8_t * x, size_t bx, const block_q8_K * y, float * out, int planes);
+#endif
+#if defined(ATD_HAVE_AVX2)
 typedef void (*atd_gemv64_fn)(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y, float * out,
                               int planes);
 #endif
 
 // One activation row against nr weight rows (stride bx bytes): out[r] = atd_vec_dot of row r, bit for
-// bit. AVX-512 takes four rows per step; the other paths call vec_dot row by row.
+// bit. AVX-512 takes four rows per step, AVX2 two rows of the 64 family; the rest goes row by row.
 void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, float * out) {
     const uint8_t * x    = (const uint8_t *)vx;
     const int       path = atd_selected_path();
@@ -1343,6 +1448,23 @@ void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, 
             } else {
                 g64(n, xr, bx, (const block_atd_q8_64 *)vy, out + r, planes);
             }
+        }
+    }
+#endif
+#if defined(ATD_HAVE_AVX2)
+    if (path == ATD_PATH_AVX2 && block == QK_ATD_64 && n >= block && planes >= 1 && planes <= ATD_MAX_PLANES) {
+        // the flavour of the path's variant (the same dot instruction as its vec_dot)
+        const int v = atd_dot_variant_of(path);
+        (void)v;
+        atd_gemv64_fn g64 = atd_gemv64_avx2_mad;
+#if defined(ATD_HAVE_AVXVNNI)
+        if (v == 2) g64 = atd_gemv64_avx2_vnni;
+#endif
+#if defined(ATD_HAVE_AVX512)
+        if (v == 3) g64 = atd_gemv64_avx2_evex;
+#endif
+        for (; r + 2 <= nr; r += 2) {
+            g64(n, x + (size_t)r * bx, bx, (const block_atd_q8_64 *)vy, out + r, planes);
         }
     }
 #endif

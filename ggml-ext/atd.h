@@ -179,7 +179,7 @@ int  atd_selected_path(void);
 void atd_set_path(int path);
 
 // One activation row against nr weight rows (stride bx bytes): out[r] = atd_vec_dot of row r, bit for
-// bit (four rows per step on AVX-512).
+// bit (four rows per step on AVX-512; two rows of the 64 family on AVX2).
 void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, float * out);
 
 // Activation quantizers: q8_K (standalone builds: tests and benchmarks; ggml has its own) and the

@@ -471,8 +471,8 @@ def measure_batched(libs: Libs, rng, paths, quick: bool) -> str:
     out = ctypes.c_float()
     lines = ["", "## Several rows at once", "",
              "Single thread, in cache (best of several runs). **gemv**: one activation row against 1536 weight rows "
-             "of 576 (SmolLM2's shape): `atd_gemv`, which takes four rows per step for the 64 family on AVX-512 "
-             "(bit-equal to vec_dot), next to `atd_vec_dot` row by row. **batched**: 512 weight rows x 64 "
+             "of 576 (SmolLM2's shape): `atd_gemv`, which takes four rows per step on AVX-512 and two on AVX2 "
+             "(64 family), bit-equal to vec_dot,, next to `atd_vec_dot` row by row. **batched**: 512 weight rows x 64 "
              "activation rows, rows of 4096 (256-blocks) or 576 (64-blocks): `atd_mul_mat`, in G weight x "
              "activation products per second, next to vec_dot on every pair (the path ggml takes without it).", "",
              "| kernel | path | gemv Gw/s | vec_dot row by row Gw/s | batched G/s | batched / vec_dot |",
