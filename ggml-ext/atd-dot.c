@@ -51,6 +51,18 @@ static inline uint16_t atd_dot_load_u16(const uint8_t * p) {
     return (uint16_t)(p[0] | p[1] << 8);
 }
 
+// K(args..., N) for the run-time plane count: the SIMD kernels are compiled once per N = 1..4, so their
+// plane loops have constant trip counts
+#define ATD_DISPATCH_PLANES(planes, K, ...)                                                          \
+    do {                                                                                             \
+        switch (planes) {                                                                            \
+            case 1: K(__VA_ARGS__, 1); break;                                                        \
+            case 2: K(__VA_ARGS__, 2); break;                                                        \
+            case 3: K(__VA_ARGS__, 3); break;                                                        \
+            default: K(__VA_ARGS__, 4); break;                                                       \
+        }                                                                                            \
+    } while (0)
+
 #define ATD_S256  ATD_PLANE_BYTES(QK_ATD)     // 52
 #define ATD_S64   ATD_PLANE_BYTES(QK_ATD_64)  // 13
 #define ATD_LANES 16                          // block b's float part goes to lane b % 16
@@ -468,20 +480,10 @@ ATD_TARGET_AVX2 ATD_INLINE __m256 atd_dy2x4(const block_atd_q8_64 * y, int j0, i
         if (n < block) { *s = 0.0f; return; }                                                               \
         if (block == QK_ATD) {                                                                              \
             const block_q8_K * y = (const block_q8_K *)vy;                                                  \
-            switch (planes) {                                                                               \
-                case 1: K256(n, s, x, y, 1); break;                                                         \
-                case 2: K256(n, s, x, y, 2); break;                                                         \
-                case 3: K256(n, s, x, y, 3); break;                                                         \
-                default: K256(n, s, x, y, 4); break;                                                        \
-            }                                                                                               \
+            ATD_DISPATCH_PLANES(planes, K256, n, s, x, y);                                                  \
         } else {                                                                                            \
             const block_atd_q8_64 * y = (const block_atd_q8_64 *)vy;                                        \
-            switch (planes) {                                                                               \
-                case 1: atd_k64_avx2_##SFX(n, s, x, y, 1); break;                                           \
-                case 2: atd_k64_avx2_##SFX(n, s, x, y, 2); break;                                           \
-                case 3: atd_k64_avx2_##SFX(n, s, x, y, 3); break;                                           \
-                default: atd_k64_avx2_##SFX(n, s, x, y, 4); break;                                          \
-            }                                                                                               \
+            ATD_DISPATCH_PLANES(planes, atd_k64_avx2_##SFX, n, s, x, y);                                    \
         }                                                                                                   \
     }
 
@@ -582,12 +584,7 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_plane64x2_mad(__m256i P, const __m256i * 
     }                                                                                                       \
     TARGET static void atd_gemv64_avx2_##SFX(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y,  \
                                              float * out, int planes) {                                    \
-        switch (planes) {                                                                                   \
-            case 1: atd_gemv64_avx2_##SFX##_k(n, x, bx, y, out, 1); break;                                  \
-            case 2: atd_gemv64_avx2_##SFX##_k(n, x, bx, y, out, 2); break;                                  \
-            case 3: atd_gemv64_avx2_##SFX##_k(n, x, bx, y, out, 3); break;                                  \
-            default: atd_gemv64_avx2_##SFX##_k(n, x, bx, y, out, 4); break;                                 \
-        }                                                                                                   \
+        ATD_DISPATCH_PLANES(planes, atd_gemv64_avx2_##SFX##_k, n, x, bx, y, out);                          \
     }
 
 ATD_DEFINE_AVX2_GEMV64(mad, ATD_TARGET_AVX2)
@@ -805,20 +802,10 @@ ATD_TARGET_AVX512 ATD_INLINE __m512 atd_alpha4x4(__m128 alpha) {
         if (n < block) { *s = 0.0f; return; }                                                               \
         if (block == QK_ATD) {                                                                              \
             const block_q8_K * y = (const block_q8_K *)vy;                                                  \
-            switch (planes) {                                                                               \
-                case 1: atd_k256_avx512_##DEC(n, s, x, y, 1); break;                                        \
-                case 2: atd_k256_avx512_##DEC(n, s, x, y, 2); break;                                        \
-                case 3: atd_k256_avx512_##DEC(n, s, x, y, 3); break;                                        \
-                default: atd_k256_avx512_##DEC(n, s, x, y, 4); break;                                       \
-            }                                                                                               \
+            ATD_DISPATCH_PLANES(planes, atd_k256_avx512_##DEC, n, s, x, y);                                 \
         } else {                                                                                            \
             const block_atd_q8_64 * y = (const block_atd_q8_64 *)vy;                                        \
-            switch (planes) {                                                                               \
-                case 1: atd_k64_avx512_##DEC(n, s, x, y, 1); break;                                         \
-                case 2: atd_k64_avx512_##DEC(n, s, x, y, 2); break;                                         \
-                case 3: atd_k64_avx512_##DEC(n, s, x, y, 3); break;                                         \
-                default: atd_k64_avx512_##DEC(n, s, x, y, 4); break;                                        \
-            }                                                                                               \
+            ATD_DISPATCH_PLANES(planes, atd_k64_avx512_##DEC, n, s, x, y);                                  \
         }                                                                                                   \
     }
 
@@ -954,12 +941,7 @@ ATD_TARGET_AVX512VBMI ATD_INLINE void atd_gemv64_alpha_lut(const __m512i * R, co
     }                                                                                                       \
     TARGET static void atd_gemv64_avx512_##DEC(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y, \
                                                float * out, int planes) {                                  \
-        switch (planes) {                                                                                   \
-            case 1: atd_gemv64_avx512_##DEC##_k(n, x, bx, y, out, 1); break;                                \
-            case 2: atd_gemv64_avx512_##DEC##_k(n, x, bx, y, out, 2); break;                                \
-            case 3: atd_gemv64_avx512_##DEC##_k(n, x, bx, y, out, 3); break;                                \
-            default: atd_gemv64_avx512_##DEC##_k(n, x, bx, y, out, 4); break;                               \
-        }                                                                                                   \
+        ATD_DISPATCH_PLANES(planes, atd_gemv64_avx512_##DEC##_k, n, x, bx, y, out);                        \
     }
 
 ATD_DEFINE_AVX512_GEMV64(mul, ATD_TARGET_AVX512)
@@ -1023,12 +1005,7 @@ ATD_DEFINE_AVX512_GEMV64(gfni, ATD_TARGET_AVX512GFNI)
     }                                                                                                       \
     TARGET static void atd_gemv256_avx512_##DEC(int n, const uint8_t * x, size_t bx, const block_q8_K * y,   \
                                                 float * out, int planes) {                                 \
-        switch (planes) {                                                                                   \
-            case 1: atd_gemv256_avx512_##DEC##_k(n, x, bx, y, out, 1); break;                               \
-            case 2: atd_gemv256_avx512_##DEC##_k(n, x, bx, y, out, 2); break;                               \
-            case 3: atd_gemv256_avx512_##DEC##_k(n, x, bx, y, out, 3); break;                               \
-            default: atd_gemv256_avx512_##DEC##_k(n, x, bx, y, out, 4); break;                              \
-        }                                                                                                   \
+        ATD_DISPATCH_PLANES(planes, atd_gemv256_avx512_##DEC##_k, n, x, bx, y, out);                       \
     }
 
 ATD_DEFINE_AVX512_GEMV256(mul, ATD_TARGET_AVX512)
