@@ -197,8 +197,9 @@ void atd_quantize_row_q8_64(const float * x, void * y, int64_t k);
 // block is decoded once into int8 (a scale per block) and used for every activation row: the result
 // differs from the exact dot of the weights and these activations x by at most
 // sum_blocks (sum_i |alpha_i| / 254) * sum_e |x_e| plus float rounding (from atd_vec_dot's, for the 64
-// family, also by the other rounding of its activations). scratch: atd_mul_mat_scratch_size() bytes, one per concurrent call. Every path returns the
-// same bits; atd_mul_mat_path forces one (ATD_PATH_AUTO: the selected path).
+// family, also by the other rounding of its activations). scratch: atd_mul_mat_scratch_size() bytes,
+// one per concurrent call. Every path returns the same bits; atd_mul_mat_path forces one (ATD_PATH_AUTO:
+// the selected path).
 size_t   atd_mul_mat_scratch_size(void);
 void     atd_mul_mat(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by,
                      int nc, float * dst, size_t ldd, void * scratch);
