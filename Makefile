@@ -48,7 +48,7 @@ demo: fixtures llama
 	$(VENV)/bin/atd-gguf run $(BUILD)/demo-atd3.gguf --chat -n 32 -p "What is the capital of Germany?"
 
 test: fixtures llama python-api
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench-fit: install
 	$(PY) scripts/bench_fit.py

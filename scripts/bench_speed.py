@@ -93,6 +93,7 @@ def bandwidth() -> dict[int, float]:
     exe = OUT / "bandwidth"
     src = OUT / "bandwidth.c"
     if not exe.is_file() or not src.is_file() or src.read_text() != BANDWIDTH_C:
+        OUT.mkdir(parents=True, exist_ok=True)  # the first step of a fresh tree
         src.write_text(BANDWIDTH_C)
         subprocess.run(["gcc", "-O2", "-pthread", str(src), "-o", str(exe)], check=True)
     out = subprocess.run([str(exe), "1024"], capture_output=True, text=True, check=True).stdout
