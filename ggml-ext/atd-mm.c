@@ -172,18 +172,19 @@ static inline int atd_mm_round(float level, float inv) {
 }
 
 // the reference: blocks [b0, b0 + nblk) of one row into natural order, u[e] = w + 128, s[b] = step
-static void atd_mm_decode_ref(const uint8_t * row, int planes, int block, int b0, int nblk, uint8_t * u,
-                              float * s) {
-    const size_t bsz = ATD_TYPE_SIZE(planes, block);
-    const int    S   = ATD_PLANE_BYTES(block);
+// (r2: a row in the r2 layout of atd.h, B = 256; bstep: bytes from one block of the row to the next)
+static void atd_mm_decode_ref(const uint8_t * row, size_t bstep, int planes, int block, int b0, int nblk, uint8_t * u,
+                              float * s, int r2) {
+    const int S = r2 ? ATD_R2_PLANE_BYTES : ATD_PLANE_BYTES(block);
     for (int b = 0; b < nblk; ++b) {
-        const uint8_t * blk = row + (size_t)(b0 + b) * bsz;
+        const uint8_t * blk = row + (size_t)(b0 + b) * bstep;
         float           alpha[ATD_MAX_PLANES];
         const float     inv = atd_mm_block_scale(blk, planes, alpha, &s[b]);
         for (int e = 0; e < block; ++e) {
             float L = 0.0f;
             for (int i = 0; i < planes; ++i) {
-                const int t = atd_byte_digit(blk[2 * planes + i * S + e % S], e / S) - 1;
+                const uint8_t b = blk[2 * planes + i * S + e % S];
+                const int     t = (r2 ? (b >> (2 * (e / S))) & 3 : atd_byte_digit(b, e / S)) - 1;
                 L = fmaf(alpha[i], (float)t, L);  // exact product: the §3 sum, plane order
             }
             u[b * block + e] = (uint8_t)(atd_mm_round(L, inv) + 128);
@@ -312,8 +313,8 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_mm_lookup_avx2(__m256i idx, const __m256i
 }
 
 // blocks [b0, b0 + nblk) of one row into natural order (the same bytes as atd_mm_decode_ref)
-ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const uint8_t * row, int planes, int block, int b0, int nblk,
-                                                uint8_t * u, float * s, int last_block) {
+ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const uint8_t * row, size_t bstep, int planes, int block, int b0,
+                                                int nblk, uint8_t * u, float * s, int last_block, int r2) {
     const size_t bsz = ATD_TYPE_SIZE(planes, block);
     const int    S   = ATD_PLANE_BYTES(block);
     const int    n16 = (atd_mm_ncombos(planes) + 15) / 16;
@@ -322,7 +323,7 @@ ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const uint8_t * row, int planes, 
     ATD_ALIGN64 uint8_t lt[ATD_MM_COMBOS] = { 0 };  // entries past 3^N are never looked up
     uint8_t             pad[ATD_TYPE_SIZE(ATD_MAX_PLANES, QK_ATD_64) + 16];
     for (int b = 0; b < nblk; ++b) {
-        const uint8_t * blk = row + (size_t)(b0 + b) * bsz;
+        const uint8_t * blk = row + (size_t)(b0 + b) * bstep;
         if (block == QK_ATD_64 && b0 + b == last_block) {
             // 16-byte loads of the last 64-block of a row would read past it: a padded copy
             memset(pad, 0, sizeof pad);
@@ -338,6 +339,18 @@ ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const uint8_t * row, int planes, 
         }
         // codes of every plane in natural order (digit k of byte j at S k + j; stores overlap in order)
         for (int i = 0; i < planes; ++i) {
+            if (r2) {  // bits 2k, 2k+1 of byte j: element 64k + j
+                const uint8_t * p  = blk + 2 * planes + i * ATD_R2_PLANE_BYTES;
+                const __m256i   m3 = _mm256_set1_epi8(3);
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i P = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
+                    for (int k = 0; k < 4; ++k) {
+                        _mm256_storeu_si256((__m256i *)(codes[i] + 64 * k + 32 * h),
+                                            _mm256_and_si256(_mm256_srli_epi16(P, 2 * k), m3));
+                    }
+                }
+                continue;
+            }
             const uint8_t * p = blk + 2 * planes + i * S;
             if (block == QK_ATD) {
                 const __m256i A = _mm256_loadu_si256((const __m256i *)p);
@@ -839,13 +852,17 @@ static int atd_mm_kind(int path) {
 
 // blocks [b0, b0 + nblk) of one row (of nb blocks) into natural order by the decoder of a kernel kind:
 // u[e] = w + 128, s[b * ATD_MM_MR_MAX] the block's step
-static void atd_mm_decode_blocks(int kind, const uint8_t * row, int planes, int block, int nb, int b0, int nblk,
-                                 uint8_t * u, float * s) {
+static void atd_mm_decode_blocks(int kind, const uint8_t * row, size_t bstep, int planes, int block, int nb, int b0,
+                                 int nblk, uint8_t * u, float * s, int r2) {
     (void)nb;
     switch (kind) {
 #if defined(ATD_HAVE_AVX512VBMI)
         case ATD_MM_K_AVX512_VBMI:
-            atd_mm_decode_avx512(row, planes, block, b0, nblk, u, s);
+            if (!r2) {
+                atd_mm_decode_avx512(row, planes, block, b0, nblk, u, s);
+                break;
+            }
+            atd_mm_decode_avx2(row, bstep, planes, block, b0, nblk, u, s, nb - 1, r2);  // r2 needs no digit tables
             break;
 #endif
 #if defined(ATD_HAVE_AVX2)
@@ -853,21 +870,21 @@ static void atd_mm_decode_blocks(int kind, const uint8_t * row, int planes, int 
         case ATD_MM_K_AVX2_MAD:
         case ATD_MM_K_AVX2_VNNI:
         case ATD_MM_K_AVX2_EVEX:
-            atd_mm_decode_avx2(row, planes, block, b0, nblk, u, s, nb - 1);
+            atd_mm_decode_avx2(row, bstep, planes, block, b0, nblk, u, s, nb - 1, r2);
             break;
 #endif
         default:
             for (int b = 0; b < nblk; ++b) {
-                atd_mm_decode_ref(row, planes, block, b0 + b, 1, u + b * block, &s[b * ATD_MM_MR_MAX]);
+                atd_mm_decode_ref(row, bstep, planes, block, b0 + b, 1, u + b * block, &s[b * ATD_MM_MR_MAX], r2);
             }
             break;
     }
 }
 
-void atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by,
-                      int nc, float * dst, size_t ldd, void * scratch, int path) {
+static void atd_mul_mat_impl(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy,
+                             size_t by, int nc, float * dst, size_t ldd, void * scratch, int path, int r2) {
     if (n < block || nr <= 0 || nc <= 0 || planes < 1 || planes > ATD_MAX_PLANES ||
-        (block != QK_ATD && block != QK_ATD_64)) {
+        (block != QK_ATD && block != QK_ATD_64) || (r2 && block != QK_ATD)) {
         return;
     }
     if (path == ATD_PATH_AUTO || !atd_path_available(path)) {
@@ -898,8 +915,10 @@ void atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, 
                         for (int b = 0; b < nblk; ++b) sr[b * ATD_MM_MR_MAX] = 0.0f;
                         continue;
                     }
-                    const uint8_t * row = (const uint8_t *)vx + (size_t)(r0 + rs + r) * bx;
-                    atd_mm_decode_blocks(kind, row, planes, block, nb, kb0, nblk, u, sr);
+                    size_t          bstep = ATD_TYPE_SIZE(planes, block);
+                    const uint8_t * row   = r2 ? atd_r2_row(vx, nr, r0 + rs + r, bx, ATD_R2_TYPE_SIZE(planes), &bstep)
+                                               : (const uint8_t *)vx + (size_t)(r0 + rs + r) * bx;
+                    atd_mm_decode_blocks(kind, row, bstep, planes, block, nb, kb0, nblk, u, sr, r2);
                 }
                 switch (kind) {
 #if defined(ATD_HAVE_AVX512)
@@ -972,6 +991,17 @@ void atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, 
     }
 }
 
+void atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by,
+                      int nc, float * dst, size_t ldd, void * scratch, int path) {
+    atd_mul_mat_impl(n, planes, block, vx, bx, nr, vy, by, nc, dst, ldd, scratch, path, 0);
+}
+
+// (r2: bx is the row size of the r2 layout, rows are found by atd_r2_row)
+void atd_mul_mat_r2_path(int n, int planes, const void * vx, int nr, const void * vy, size_t by, int nc, float * dst,
+                         size_t ldd, void * scratch, int path) {
+    atd_mul_mat_impl(n, planes, QK_ATD, vx, atd_r2_row_size(planes, n), nr, vy, by, nc, dst, ldd, scratch, path, 1);
+}
+
 void atd_mul_mat(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by, int nc,
                  float * dst, size_t ldd, void * scratch) {
     atd_mul_mat_path(n, planes, block, vx, bx, nr, vy, by, nc, dst, ldd, scratch, ATD_PATH_AUTO);
@@ -987,7 +1017,7 @@ void atd_mm_decode_row(const void * row, int planes, int block, int nb, int b0, 
     float               sc[ATD_MM_KC / QK_ATD_64 * ATD_MM_MR_MAX];
     const uint8_t *     x = (const uint8_t *)row;
     if (path == ATD_PATH_AUTO || !atd_path_available(path)) path = atd_selected_path();
-    atd_mm_decode_blocks(atd_mm_kind(path), x, planes, block, nb, b0, nblk, buf, sc);
+    atd_mm_decode_blocks(atd_mm_kind(path), x, ATD_TYPE_SIZE(planes, block), planes, block, nb, b0, nblk, buf, sc, 0);
     memcpy(u, buf, (size_t)nblk * block);
     for (int b = 0; b < nblk; ++b) s[b] = sc[b * ATD_MM_MR_MAX];
 }

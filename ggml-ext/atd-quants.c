@@ -942,6 +942,57 @@ void atd_dequantize_row(const void * vx, float * y, int64_t k, int planes, int b
     }
 }
 
+// ---- the r2 layout (atd.h) ----------------------------------------------------------------------
+
+size_t atd_r2_row_size(int planes, int64_t n) {
+    if (planes < 1 || planes > ATD_MAX_PLANES || n <= 0 || n % QK_ATD != 0) return 0;
+    return (size_t)(n / QK_ATD) * ATD_R2_TYPE_SIZE(planes);
+}
+
+size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes) {
+    const size_t rsz = atd_r2_row_size(planes, n);
+    if (rsz == 0 || nrows < 0) return 0;
+    enum { S = ATD_PLANE_BYTES(QK_ATD) };
+    // per byte value its five codes (digit k in bits 2(4-k)); per slot (j, k) of a plane byte the r2 byte
+    // of element e = S k + j and the shift of its field (slots past the block: no element)
+    uint16_t tab[256];
+    uint8_t  at[S][ATD_TRITS_PER_BYTE], shift[S][ATD_TRITS_PER_BYTE];
+    for (int b = 0; b < 256; ++b) {
+        uint16_t v = 0;
+        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) v = (uint16_t)(v << 2 | atd_byte_digit((uint8_t)b, k));
+        tab[b] = v;
+    }
+    for (int j = 0; j < S; ++j) {
+        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+            const int e = S * k + j;
+            at[j][k]    = (uint8_t)(e % ATD_R2_PLANE_BYTES);
+            shift[j][k] = (uint8_t)(e < QK_ATD ? 2 * (e / ATD_R2_PLANE_BYTES) : 8);  // 8: shifted out
+        }
+    }
+    const uint8_t * x = (const uint8_t *)src;
+    for (int64_t r = 0; r < nrows; ++r) {
+        size_t          step;
+        uint8_t * const row = (uint8_t *)atd_r2_row(dst, nrows, r, rsz, ATD_R2_TYPE_SIZE(planes), &step);
+        for (int64_t b = 0; b < n / QK_ATD; ++b, x += ATD_TYPE_SIZE(planes, QK_ATD)) {
+            uint8_t * y = row + (size_t)b * step;
+            memcpy(y, x, 2 * (size_t)planes);
+            for (int i = 0; i < planes; ++i) {
+                const uint8_t * qs  = x + 2 * planes + i * S;
+                uint8_t *       out = y + 2 * planes + i * ATD_R2_PLANE_BYTES;
+                memset(out, 0, ATD_R2_PLANE_BYTES);
+                for (int j = 0; j < S; ++j) {
+                    const unsigned v = tab[qs[j]];
+                    for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+                        const unsigned c = (v >> (2 * (ATD_TRITS_PER_BYTE - 1 - k))) & 3u;
+                        out[at[j][k]] |= (uint8_t)((c << shift[j][k]) & 0xffu);
+                    }
+                }
+            }
+        }
+    }
+    return (size_t)nrows * rsz;
+}
+
 // per byte value: bit 0 = canonical (what atd_encode_byte writes for the digits it decodes to),
 // bit 1 = its last digit is 0 (required where that digit is a padding slot)
 static void atd_byte_checks(uint8_t * tab) {

@@ -90,6 +90,18 @@ typedef struct {
 // bytes of one block: N fp16 scales + N planes of ceil(B/5) bytes (the formula gguf_types uses)
 #define ATD_TYPE_SIZE(N, B) ((N) * (2 + ATD_PLANE_BYTES(B)))
 
+// The r2 layout of the 256 family: runtime only (the patched ggml-cpu repacks ATD1..ATD4 weights into it
+// as it loads them; never in a file). Each trit takes 2 bits, so a kernel gets a plane's codes with a
+// shift and an and instead of the base-3 digit decoding, for 66/54 of the bytes. Block: the same fp16
+// scales, then per plane 64 bytes; bits 2k, 2k+1 of byte j hold the code (t + 1) of element 64k + j.
+// Rows go in groups of ATD_R2_GROUP, interleaved block by block (block b of the group's row r at
+// (b * ATD_R2_GROUP + r) blocks from the group's start), so a kernel that takes the group's rows together
+// reads one stream; rows after the last whole group stay single. A group of rows takes the bytes of as
+// many rows, so row r's group or single row starts at r * row size either way.
+#define ATD_R2_PLANE_BYTES (QK_ATD / 4)
+#define ATD_R2_TYPE_SIZE(N) ((N) * (2 + ATD_R2_PLANE_BYTES))
+#define ATD_R2_GROUP 4
+
 #if defined(ATD_CFFI_CDEF)
 #define ATD_STATIC_ASSERT(cond, msg)  // cffi's parser has no static asserts
 #elif defined(__cplusplus)
@@ -107,6 +119,7 @@ ATD_STATIC_ASSERT(sizeof(block_atd3_64) == ATD_TYPE_SIZE(3, QK_ATD_64), "wrong a
 ATD_STATIC_ASSERT(sizeof(block_atd4_64) == ATD_TYPE_SIZE(4, QK_ATD_64), "wrong atd4_64 block size/padding");
 ATD_STATIC_ASSERT(sizeof(block_atd_q8_64) == 2*ATD_Q8_64_GROUPS*4 + ATD_TRITS_PER_BYTE*16, "wrong atd_q8_64 block size");
 ATD_STATIC_ASSERT(sizeof(block_atd_q8_64mm) == 4*sizeof(int32_t) + QK_ATD_64, "wrong atd_q8_64mm block size");
+ATD_STATIC_ASSERT(ATD_R2_PLANE_BYTES * 4 == QK_ATD && ATD_R2_TYPE_SIZE(2) == 132, "wrong r2 block size");
 ATD_STATIC_ASSERT(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K/16*sizeof(int16_t), "wrong q8_K block size");
 
 #ifndef ATD_CFFI_CDEF
@@ -139,6 +152,19 @@ static inline float atd_quantize_group(const float * x, int n, int8_t * q, int32
 // The base-3 byte (one fact, used by the codec and the kernels)
 // stored byte of the base-3 value v = sum_k c_k 3^(4-k), 0 <= v < 243
 static inline uint8_t atd_encode_byte(int v) { return (uint8_t)((v * 256 + 242) / 243); }
+// r2: the first block of row r of nr rows that start at a group boundary (row_size: bytes of a row;
+// bsz: of a block), and in *step the bytes from one of its blocks to the next
+static inline const uint8_t * atd_r2_row(const void * base, int64_t nr, int64_t r, size_t row_size, size_t bsz,
+                                         size_t * step) {
+    const uint8_t * p = (const uint8_t *)base;
+    if (r < nr / ATD_R2_GROUP * ATD_R2_GROUP) {
+        *step = ATD_R2_GROUP * bsz;
+        return p + (size_t)(r / ATD_R2_GROUP) * ATD_R2_GROUP * row_size + (size_t)(r % ATD_R2_GROUP) * bsz;
+    }
+    *step = bsz;
+    return p + (size_t)r * row_size;
+}
+
 // code (0..2) of digit k of a stored byte
 static inline int atd_byte_digit(uint8_t b, int k) {
     uint32_t x = b;
@@ -189,6 +215,22 @@ void atd_quantize_row_q8_K_ref(const float * x, block_q8_K * y, int64_t k);
 void quantize_row_atd_q8_64(const float * x, void * y, int64_t k);
 // the same bytes with SIMD where the CPU has it (ggml-cpu's from_float)
 void atd_quantize_row_q8_64(const float * x, void * y, int64_t k);
+
+// ---- the r2 layout (runtime repacking of the 256 family) ---------------------------------------------
+//
+// nrows rows of n weights (n % 256 == 0; file layout, ATD_TYPE_SIZE bytes per block) into the r2 layout
+// (ATD_R2_TYPE_SIZE per block, groups from the first row); returns the bytes written, 0 for an invalid
+// shape or plane count. The kernels below take nr rows of r2 that start at a group boundary and are laid
+// out as atd_repack_r2 writes nr rows (whole groups, then single rows).
+size_t atd_r2_row_size(int planes, int64_t n);
+size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes);
+// atd_gemv on r2 rows: out[r] = atd_vec_dot of the original row r (q8_K activations), bit for bit.
+// atd_gemv_r2_path forces a path (ATD_PATH_AUTO: the selected one).
+void atd_gemv_r2(int n, int planes, const void * vx, int nr, const void * vy, float * out);
+void atd_gemv_r2_path(int n, int planes, const void * vx, int nr, const void * vy, float * out, int path);
+// atd_mul_mat on r2 rows (B = 256): the same bits as atd_mul_mat on the original rows
+void atd_mul_mat_r2_path(int n, int planes, const void * vx, int nr, const void * vy, size_t by, int nc, float * dst,
+                         size_t ldd, void * scratch, int path);
 
 // ---- batched matmul (atd-mm.c): more than one activation row ----------------------------------------
 //

@@ -45,7 +45,7 @@ from bench_convert import cpu_model as cpu_name
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "bench-speed"
 sys.path.insert(0, str(ROOT))
-import gguf_types  # noqa: E402,F401  (registers the ATD types with gguf-py's reader)
+import gguf_types  # noqa: E402  (also registers the ATD types with gguf-py's reader)
 
 ATD_PLANES = [1, 2, 3]
 STOCK_TYPES = ["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "TQ2_0"]
@@ -136,17 +136,28 @@ def build_models(name: str, model_dir: Path, threads: int, stock_extra: list[str
     return files
 
 
+def repacked() -> bool:
+    """The patched ggml-cpu keeps ATD1..ATD4 weights in the r2 layout (66/54 of their bytes) unless
+    ATD_REPACK=0 (docs/llama-plugin.md)."""
+    return os.environ.get("ATD_REPACK", "1").strip() not in ("0", "")
+
+
 def bytes_per_token(path: Path) -> int:
     """Weight bytes a generated token reads: every tensor but token_embd (one row of it is read), unless
-    the output layer is tied to it (then all of token_embd is read by the output matmul)."""
+    the output layer is tied to it (then all of token_embd is read by the output matmul); ATD1..ATD4
+    tensors as the runtime holds them (r2: 66 bytes per plane and block instead of 54)."""
     tensors = gguf.GGUFReader(path).tensors
     names = {t.name for t in tensors}
     total = 0
     for t in tensors:
+        n_bytes = int(t.n_bytes)
+        tid = int(t.tensor_type)
+        if repacked() and gguf_types.is_atd_type_id(tid) and gguf_types.atd_type(tid).block_size == 256:
+            n_bytes = n_bytes // 54 * 66
         if t.name == "token_embd.weight" and "output.weight" in names:
-            total += int(t.n_bytes) // int(t.shape[-1])  # one row
+            total += n_bytes // int(t.shape[-1])  # one row
         else:
-            total += int(t.n_bytes)
+            total += n_bytes
     return total
 
 
@@ -257,7 +268,9 @@ def main() -> None:
         + "; ".join(f"{t} thread{'s' if t > 1 else ''}: " + ", ".join(f"{b[t]:.1f}" for b in bws) + " GB/s"
                     for t in (1, 2))
         + f". **tg128 / ceiling** = tg128 ÷ (best bandwidth ({bw[1]:.1f} / {bw[2]:.1f} GB/s) ÷ the weight "
-        "bytes read per token): how close generation runs to the memory limit.",
+        "bytes read per token): how close generation runs to the memory limit. "
+        + ("ATD1..ATD4 weights run repacked to the r2 layout (66/54 of their file bytes, counted so in MB read / "
+           "token; docs/llama-plugin.md)." if repacked() else "ATD_REPACK=0: ATD weights run in the file layout."),
         "",
     ]
     for title, files, speed, ratios in sections:

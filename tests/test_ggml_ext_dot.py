@@ -548,3 +548,121 @@ def test_mm_driver_neon_under_qemu(tmp_path, march):
     assert "neon" in res.stdout.split("paths:")[1].splitlines()[0]
     last = res.stdout.strip().splitlines()[-1]
     assert last.endswith(" 0 failed") and int(last.split()[0]) > 300, res.stdout
+
+
+# ------------------------------------------------------------------------------------ r2 layout
+#
+# The runtime layout of the 256 family (atd.h): the patched ggml-cpu repacks ATD1..ATD4 weights into it at
+# load time. Its kernels must give the bits of the file layout's: gemv those of vec_dot, the batched
+# matmul those of atd_mul_mat on the original rows.
+
+
+def _r2_numpy(w, planes):
+    """numpy reference of the r2 layout from gguf_types' unpacking: per block the fp16 scales, then per
+    plane 64 bytes, bits 2k, 2k+1 of byte j = code (t + 1) of element 64k + j; rows in groups of four
+    interleaved block by block, the rows after the last whole group single."""
+    nr = w.shape[0]
+    trits, scales = gguf_types.unpack_blocks(w.reshape(-1), f"ATD{planes}")
+    codes = (trits.astype(np.int16) + 1).astype(np.uint8).reshape(-1, planes, 4, 64)  # [block, plane, k, j]
+    packed = (codes[:, :, 0] | codes[:, :, 1] << 2 | codes[:, :, 2] << 4 | codes[:, :, 3] << 6).astype(np.uint8)
+    blocks = np.concatenate([scales.view(np.uint8).reshape(-1, 2 * planes), packed.reshape(-1, 64 * planes)], axis=1)
+    rows = blocks.reshape(nr, -1, blocks.shape[1])  # [row, block, byte]
+    g = nr // 4 * 4
+    grouped = rows[:g].reshape(-1, 4, rows.shape[1], rows.shape[2]).transpose(0, 2, 1, 3)  # [group, block, row, byte]
+    return np.concatenate([grouped.reshape(-1), rows[g:].reshape(-1)]).reshape(nr, -1)
+
+
+def _repack(lib, ffi, w, planes):
+    nr, n = w.shape[0], w.shape[1] // (planes * 54) * 256
+    out = np.zeros((nr, n // 256 * planes * 66), dtype=np.uint8)
+    got = lib.atd_repack_r2(ffi.from_buffer(w), ffi.from_buffer(out), nr, n, planes)
+    assert got == out.size and lib.atd_r2_row_size(planes, n) == out.shape[1]
+    return out
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+def test_repack_r2_matches_numpy(atd, planes):
+    lib, ffi, _, _ = atd
+    rng = np.random.default_rng(700 + planes)
+    for kind, nr in (("random", 3), ("sparse", 8), ("extreme", 11)):
+        w = np.stack([_random_row(rng, planes, 256, 768, kind) for _ in range(nr)])
+        assert np.array_equal(_repack(lib, ffi, w, planes), _r2_numpy(w, planes)), kind
+
+
+def test_repack_r2_rejects_bad_shapes(atd):
+    lib, ffi, _, _ = atd
+    buf = ffi.new("char[]", 4096)
+    assert lib.atd_repack_r2(buf, buf, 1, 320, 2) == 0  # not a multiple of 256
+    assert lib.atd_repack_r2(buf, buf, 1, 256, 5) == 0  # no such plane count
+    assert lib.atd_r2_row_size(0, 256) == 0 and lib.atd_r2_row_size(2, 256) == 132
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+def test_gemv_r2_equals_vec_dot(atd, planes):
+    """atd_gemv_r2 on repacked rows == vec_dot (scalar path) on the original rows, every path and variant,
+    row counts around the 4-row step."""
+    lib, ffi, lib2, _ = atd
+    rng = np.random.default_rng(800 + planes)
+    for (nr, nblocks), kind in zip(((1, 9), (4, 3), (7, 9), (13, 17)), ("random", "sparse", "extreme", "random")):
+        n = nblocks * 256
+        w = np.stack([_random_row(rng, planes, 256, n, kind) for _ in range(nr)])
+        r2 = _repack(lib, ffi, w, planes)
+        y, _, _ = _activations(lib, ffi, rng, 256, n, kind if kind == "extreme" else "random")
+        ref = np.array([_dot(lib, ffi, n, w[r], y, planes, 256, PATH_SCALAR) for r in range(nr)], dtype=np.float32)
+        for p, v in _runnable(lib, lib2):
+            lib2.atd_dot_set_variant(p, v)
+            out = np.full(nr + 1, -7.25, dtype=np.float32)
+            lib.atd_gemv_r2_path(n, planes, ffi.from_buffer(r2), nr, y, ffi.cast("float *", ffi.from_buffer(out)), p)
+            lib2.atd_dot_set_variant(p, 0)
+            assert out[nr] == np.float32(-7.25), "wrote outside the output"
+            assert np.array_equal(out[:nr].view(np.uint32), ref.view(np.uint32)), (planes, nr, PATH_NAMES[p], v)
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3, 4])
+def test_mul_mat_r2_equals_mul_mat(atd, planes):
+    """The batched matmul on repacked rows gives the bits of atd_mul_mat on the original rows (which the
+    tests above hold to the Python reference), every path and variant, odd batch sizes."""
+    lib, ffi, lib2, _ = atd
+    rng = np.random.default_rng(900 + planes)
+    for nblocks, nr, nc in ((3, 5, 3), (5, 33, 7), (1, 1, 2)):
+        n = nblocks * 256
+        w = np.stack([_random_row(rng, planes, 256, n) for _ in range(nr)])
+        r2 = _repack(lib, ffi, w, planes)
+        ybuf, by, _, _, _ = _mm_activations(lib, ffi, rng, 256, n, nc)
+        ref = _mm(lib, ffi, n, planes, 256, w, nr, ybuf, by, nc, PATH_SCALAR)
+        scratch = ffi.new("char[]", lib.atd_mul_mat_scratch_size())
+        for p, v in _runnable(lib, lib2):
+            lib2.atd_dot_set_variant(p, v)
+            out = np.full((nc, nr + 3), -7.25, dtype=np.float32)
+            lib.atd_mul_mat_r2_path(n, planes, ffi.from_buffer(r2), nr, ybuf, by, nc,
+                                    ffi.cast("float *", ffi.from_buffer(out)), nr + 3, scratch, p)
+            lib2.atd_dot_set_variant(p, 0)
+            assert (out[:, nr:] == np.float32(-7.25)).all(), "wrote outside the output"
+            assert np.array_equal(out[:, :nr].view(np.uint32), ref.view(np.uint32)), (planes, nr, nc, PATH_NAMES[p], v)
+
+
+def test_gemv_r2_simd_paths_are_faster_than_scalar(atd):
+    lib, ffi, _, _ = atd
+    simd = [p for p in (PATH_AVX2, PATH_AVX512) if lib.atd_path_available(p)]
+    if not simd:
+        pytest.skip("no x86 SIMD path")
+    rng = np.random.default_rng(11)
+    n, nr, planes = 4096, 16, 2
+    w = np.stack([_random_row(rng, planes, 256, n) for _ in range(nr)])
+    r2 = _repack(lib, ffi, w, planes)
+    y, _, _ = _activations(lib, ffi, rng, 256, n)
+    out = np.empty(nr, dtype=np.float32)
+    op, rp = ffi.cast("float *", ffi.from_buffer(out)), ffi.from_buffer(r2)
+
+    def best_time(path, reps=20):
+        best = float("inf")
+        for _ in range(9):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                lib.atd_gemv_r2_path(n, planes, rp, nr, y, op, path)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    t_scalar = best_time(PATH_SCALAR)
+    for p in simd:
+        assert best_time(p) * 2.0 < t_scalar, PATH_NAMES[p]

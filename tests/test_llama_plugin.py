@@ -605,6 +605,36 @@ def test_batched_matmul_in_ggml(tools, tmp_path):
         np.testing.assert_array_equal(y1.view(np.uint32), y1b.view(np.uint32), err_msg=name)
 
 
+def test_r2_repack_gives_the_same_logits(tools, smollm2_atd3_gguf, tokenizer, tmp_path):
+    """llama.cpp puts the 256-family weights (ATD1..ATD4) in the CPU_ATD_R2 buffer (ggml-ext/atd-repack.cpp)
+    and repacks them as they load, at 66/54 of their bytes; the r2 kernels give the file layout's bits, so
+    the logits equal those with ATD_REPACK=0, for a batch (batched matmul) and one token (gemv)."""
+    import os
+    import re
+
+    r2_bytes = 0
+    for t in _tensors(smollm2_atd3_gguf).values():
+        if gguf_types.is_atd_type_id(int(t.tensor_type)) and gguf_types.atd_type(int(t.tensor_type)).block_size == 256:
+            planes = gguf_types.atd_type(int(t.tensor_type)).planes
+            r2_bytes += int(np.prod(t.shape)) // 256 * planes * 66
+    assert r2_bytes > 0
+    tokens = tokenizer(PROMPTS[0])["input_ids"]
+    for toks in (tokens, tokens[:1]):
+        runs = {}
+        for repack in ("1", "0"):
+            out = tmp_path / f"r2-{repack}-{len(toks)}.f32"
+            proc = subprocess.run([str(tools("patched", "atd_logits")), str(smollm2_atd3_gguf), str(out), THREADS,
+                                   *map(str, toks)], capture_output=True, text=True,
+                                  env=dict(os.environ, ATD_REPACK=repack))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[repack] = (np.fromfile(out, dtype=np.float32), proc.stderr)
+        size = re.search(r"CPU_ATD_R2 model buffer size = +([0-9.]+) MiB", runs["1"][1])
+        assert size is not None, runs["1"][1][-3000:]
+        assert abs(float(size.group(1)) - r2_bytes / 2**20) < 0.01, (size.group(1), r2_bytes / 2**20)
+        assert "CPU_ATD_R2" not in runs["0"][1]
+        np.testing.assert_array_equal(runs["1"][0].view(np.uint32), runs["0"][0].view(np.uint32))
+
+
 def test_patched_ggml_has_the_decoders_this_cpu_has():
     """The patched ggml-cpu is built from /proc/cpuinfo (scripts/build_llama.py): with AVX-512 VNNI + VBMI
     it has the table decoder, and with GFNI too (-DATD_GGML_GFNI=ON: ggml has no GFNI option) the GFNI

@@ -3,7 +3,8 @@
 //   - every available kernel path == scalar path, bit for bit;
 //   - scalar path == double-precision dot of the decoded weights and activations, within tolerance;
 //   - the ggml-style wrappers == atd_vec_dot;
-//   - atd_gemv (several rows, one activation row) == atd_vec_dot row by row, on every path and variant.
+//   - atd_gemv (several rows, one activation row) == atd_vec_dot row by row, on every path and variant;
+//     so does atd_gemv_r2 on the rows repacked by atd_repack_r2 (256 family).
 // Prints "N passed, M failed"; exit status 1 if anything failed.
 //
 //   gcc -std=c11 -O1 -g -fsanitize=address,undefined -Iggml-ext ggml-ext/*.c ggml-ext/tests/atd_dot_test.c -lm
@@ -218,6 +219,11 @@ static void test_gemv(int N, int B, int n, int nr) {
         rows[r] = make_row(N, B, n, r % 4 == 3 ? 2 : 0);
         memcpy(x + r * bx, rows[r].x, bx);
     }
+    uint8_t * r2 = NULL;
+    if (B == QK_ATD) {
+        r2 = malloc(atd_r2_row_size(N, n) * nr);
+        CHECK(atd_repack_r2(x, r2, nr, n, N) == atd_r2_row_size(N, n) * nr, "repack_r2 N=%d n=%d nr=%d", N, n, nr);
+    }
     const void * y = rows[0].y;  // one activation row for all
     for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p) {
         if (!atd_path_available(p)) continue;
@@ -232,12 +238,23 @@ static void test_gemv(int N, int B, int n, int nr) {
                 same &= memcmp(&ref, &out[r], sizeof ref) == 0;
             }
             CHECK(same, "gemv N=%d B=%d n=%d nr=%d path %s.%d != vec_dot row by row", N, B, n, nr, path_name(p), v);
+            if (B == QK_ATD && r2) {
+                // the r2 layout (exact-size buffer: ASan sees any read past it)
+                atd_gemv_r2_path(n, N, r2, nr, y, out, p);
+                same = 1;
+                for (int r = 0; r < nr; ++r) {
+                    atd_vec_dot_path(n, &ref, x + r * bx, y, N, B, ATD_PATH_SCALAR);
+                    same &= memcmp(&ref, &out[r], sizeof ref) == 0;
+                }
+                CHECK(same, "gemv_r2 N=%d n=%d nr=%d path %s.%d != vec_dot row by row", N, n, nr, path_name(p), v);
+            }
         }
         atd_dot_set_variant(p, 0);
     }
     atd_set_path(ATD_PATH_AUTO);
     for (int r = 0; r < nr; ++r) free_row(&rows[r]);
     free(x);
+    free(r2);
 }
 
 static void test_quantizers(void) {
