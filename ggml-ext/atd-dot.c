@@ -280,6 +280,26 @@ ATD_TARGET_AVX2 ATD_INLINE float atd_finish4(const __m128 * S) {
     return _mm_cvtss_f32(c);
 }
 
+// The float step of one block for four rows (the gemv kernels): acc[r][i] sums to row r's plane i sum,
+// row r's scales at blk + r * bx; lane r of the result is row r's. Then the 16 lanes of each row, added
+// as atd_dot_reduce16 does.
+ATD_TARGET_AVX2 ATD_INLINE __m128 atd_gemv4_step(__m128 L, __m256i (*acc)[ATD_MAX_PLANES], const uint8_t * blk,
+                                                size_t bx, float dy, int planes) {
+    __m128i isum[ATD_MAX_PLANES];
+    __m128  alpha[ATD_MAX_PLANES];
+    ATD_UNROLL for (int i = 0; i < planes; ++i) {
+        isum[i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);
+    }
+    atd_alpha4(blk, bx, 4, alpha);
+    return atd_combine4(L, isum, alpha, _mm_set1_ps(dy), planes);
+}
+ATD_TARGET_AVX2 ATD_INLINE void atd_gemv4_finish(__m128 * L, float * out) {
+    for (int w = ATD_LANES / 2; w >= 1; w /= 2) {
+        for (int l = 0; l < w; ++l) L[l] = _mm_add_ps(L[l], L[l + w]);
+    }
+    _mm_storeu_ps(out, L[0]);
+}
+
 // The 4-block driver of the 256-blocks (bsz bytes from one block of the row to the next): ACC(blk, yb,
 // planes, acc) leaves per plane a vector of 8 int32 whose sum is (sum t q) << SHIFT.
 #define ATD_DEFINE_K256(NAME, TARGET, ACC, SHIFT)                                                            \
@@ -1050,19 +1070,9 @@ ATD_DEFINE_AVX512_GEMV64(gfni, ATD_TARGET_AVX512GFNI)
                     acc[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1)); \
                 }                                                                                           \
             }                                                                                               \
-            __m128i isum[ATD_MAX_PLANES];                                                                   \
-            __m128  alpha[ATD_MAX_PLANES];                                                                  \
-            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
-                isum[i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);                      \
-            }                                                                                               \
-            atd_alpha4(blk, bx, 4, alpha);                                                                  \
-            const int l = b % ATD_LANES;                                                                    \
-            L[l] = atd_combine4(L[l], isum, alpha, _mm_set1_ps(yb->d), planes);                             \
+            L[b % ATD_LANES] = atd_gemv4_step(L[b % ATD_LANES], acc, blk, bx, yb->d, planes);               \
         }                                                                                                   \
-        for (int w = ATD_LANES / 2; w >= 1; w /= 2) {                                                       \
-            for (int l = 0; l < w; ++l) L[l] = _mm_add_ps(L[l], L[l + w]);                                  \
-        }                                                                                                   \
-        _mm_storeu_ps(out, L[0]);                                                                           \
+        atd_gemv4_finish(L, out);                                                                           \
     }                                                                                                       \
     TARGET static void atd_gemv256_avx512_##DEC(int n, const uint8_t * x, size_t bx, const block_q8_K * y,   \
                                                 float * out, int planes) {                                 \
@@ -1118,19 +1128,9 @@ ATD_TARGET_AVX512GFNI ATD_INLINE __m512i atd_r2_field_gfni(__m512i P, int k) {
                     acc[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1)); \
                 }                                                                                           \
             }                                                                                               \
-            __m128i isum[ATD_MAX_PLANES];                                                                   \
-            __m128  alpha[ATD_MAX_PLANES];                                                                  \
-            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
-                isum[i] = atd_hsum4_epi32(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);                      \
-            }                                                                                               \
-            atd_alpha4(blk, bsz, 4, alpha);                                                                 \
-            const int l = b % ATD_LANES;                                                                    \
-            L[l] = atd_combine4(L[l], isum, alpha, _mm_set1_ps(yb->d), planes);                             \
+            L[b % ATD_LANES] = atd_gemv4_step(L[b % ATD_LANES], acc, blk, bsz, yb->d, planes);              \
         }                                                                                                   \
-        for (int w = ATD_LANES / 2; w >= 1; w /= 2) {                                                       \
-            for (int l = 0; l < w; ++l) L[l] = _mm_add_ps(L[l], L[l + w]);                                  \
-        }                                                                                                   \
-        _mm_storeu_ps(out, L[0]);                                                                           \
+        atd_gemv4_finish(L, out);                                                                           \
     }                                                                                                       \
     TARGET static void atd_gemv_r2_avx512_##FIELD(int n, const uint8_t * x, const block_q8_K * y, float * out, \
                                                   int planes) {                                            \

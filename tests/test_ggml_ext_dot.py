@@ -192,6 +192,17 @@ def _runnable(lib, lib2):
     return out
 
 
+def _best_time(call, reps: int, rounds: int) -> float:
+    """The fastest of `rounds` timings of `reps` calls (seconds)."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            call()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _bits(f):
     return np.float32(f).view(np.uint32)
 
@@ -324,14 +335,8 @@ def test_simd_paths_are_faster_than_scalar(atd):
         wp = ffi.from_buffer(w)
         s = ffi.new("float *")
 
-        def best_time(path, reps=50):
-            best = float("inf")
-            for _ in range(15):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    lib.atd_vec_dot_path(n, s, wp, y, planes, block, path)
-                best = min(best, time.perf_counter() - t0)
-            return best
+        def best_time(path):
+            return _best_time(lambda: lib.atd_vec_dot_path(n, s, wp, y, planes, block, path), 50, 15)
 
         t_scalar = best_time(PATH_SCALAR)
         for p in simd:
@@ -488,14 +493,8 @@ def test_batched_simd_paths_are_faster_than_scalar(atd):
         w = np.stack([_random_row(rng, planes, block, n) for _ in range(nr)])
         ybuf, by, _, _, _ = _mm_activations(lib, ffi, rng, block, n, nc)
 
-        def best_time(path, reps=5):
-            best = float("inf")
-            for _ in range(7):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    _mm(lib, ffi, n, planes, block, w, nr, ybuf, by, nc, path)
-                best = min(best, time.perf_counter() - t0)
-            return best
+        def best_time(path):
+            return _best_time(lambda: _mm(lib, ffi, n, planes, block, w, nr, ybuf, by, nc, path), 5, 7)
 
         t_scalar = best_time(PATH_SCALAR)
         for p in simd:
@@ -654,14 +653,8 @@ def test_gemv_r2_simd_paths_are_faster_than_scalar(atd):
     out = np.empty(nr, dtype=np.float32)
     op, rp = ffi.cast("float *", ffi.from_buffer(out)), ffi.from_buffer(r2)
 
-    def best_time(path, reps=20):
-        best = float("inf")
-        for _ in range(9):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                lib.atd_gemv_r2_path(n, planes, rp, nr, y, op, path)
-            best = min(best, time.perf_counter() - t0)
-        return best
+    def best_time(path):
+        return _best_time(lambda: lib.atd_gemv_r2_path(n, planes, rp, nr, y, op, path), 20, 9)
 
     t_scalar = best_time(PATH_SCALAR)
     for p in simd:
