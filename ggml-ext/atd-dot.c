@@ -99,11 +99,17 @@ static inline float atd_dot_reduce64(float (*acc)[ATD_Q8_64_GROUPS]) {
     return (v[0] + v[1]) + (v[2] + v[3]);
 }
 
-static void atd_isum_256_scalar(const uint8_t * blk, const block_q8_K * yb, int planes, int32_t * isum) {
+// sum of the q of a q8_K block (from its bsums)
+static int32_t atd_q8_K_sum(const block_q8_K * yb) {
     int32_t sumq = 0;
     for (int j = 0; j < QK_K / 16; ++j) {
         sumq += yb->bsums[j];
     }
+    return sumq;
+}
+
+static void atd_isum_256_scalar(const uint8_t * blk, const block_q8_K * yb, int planes, int32_t * isum) {
+    const int32_t sumq = atd_q8_K_sum(yb);
     for (int i = 0; i < planes; ++i) {
         const uint8_t * qs = blk + 2 * planes + i * ATD_S256;
         int32_t         s  = 0;
@@ -130,10 +136,7 @@ static void atd_isum_64_scalar(const uint8_t * blk, const block_atd_q8_64 * yb, 
 
 // r2 layout (atd.h): bits 2k, 2k+1 of byte j are the code of element 64k + j
 static void atd_isum_r2_scalar(const uint8_t * blk, const block_q8_K * yb, int planes, int32_t * isum) {
-    int32_t sumq = 0;
-    for (int j = 0; j < QK_K / 16; ++j) {
-        sumq += yb->bsums[j];
-    }
+    const int32_t sumq = atd_q8_K_sum(yb);
     for (int i = 0; i < planes; ++i) {
         const uint8_t * qs = blk + 2 * planes + i * ATD_R2_PLANE_BYTES;
         int32_t         s  = 0;

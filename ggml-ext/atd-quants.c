@@ -952,23 +952,7 @@ size_t atd_r2_row_size(int planes, int64_t n) {
 size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes) {
     const size_t rsz = atd_r2_row_size(planes, n);
     if (rsz == 0 || nrows < 0) return 0;
-    enum { S = ATD_PLANE_BYTES(QK_ATD) };
-    // per byte value its five codes (digit k in bits 2(4-k)); per slot (j, k) of a plane byte the r2 byte
-    // of element e = S k + j and the shift of its field (slots past the block: no element)
-    uint16_t tab[256];
-    uint8_t  at[S][ATD_TRITS_PER_BYTE], shift[S][ATD_TRITS_PER_BYTE];
-    for (int b = 0; b < 256; ++b) {
-        uint16_t v = 0;
-        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) v = (uint16_t)(v << 2 | atd_byte_digit((uint8_t)b, k));
-        tab[b] = v;
-    }
-    for (int j = 0; j < S; ++j) {
-        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
-            const int e = S * k + j;
-            at[j][k]    = (uint8_t)(e % ATD_R2_PLANE_BYTES);
-            shift[j][k] = (uint8_t)(e < QK_ATD ? 2 * (e / ATD_R2_PLANE_BYTES) : 8);  // 8: shifted out
-        }
-    }
+    const int       S = ATD_PLANE_BYTES(QK_ATD);
     const uint8_t * x = (const uint8_t *)src;
     for (int64_t r = 0; r < nrows; ++r) {
         size_t          step;
@@ -977,15 +961,11 @@ size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int
             uint8_t * y = row + (size_t)b * step;
             memcpy(y, x, 2 * (size_t)planes);
             for (int i = 0; i < planes; ++i) {
-                const uint8_t * qs  = x + 2 * planes + i * S;
-                uint8_t *       out = y + 2 * planes + i * ATD_R2_PLANE_BYTES;
-                memset(out, 0, ATD_R2_PLANE_BYTES);
-                for (int j = 0; j < S; ++j) {
-                    const unsigned v = tab[qs[j]];
-                    for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
-                        const unsigned c = (v >> (2 * (ATD_TRITS_PER_BYTE - 1 - k))) & 3u;
-                        out[at[j][k]] |= (uint8_t)((c << shift[j][k]) & 0xffu);
-                    }
+                uint8_t codes[QK_ATD];
+                atd_unpack_plane(x + 2 * planes + i * S, QK_ATD, codes);
+                uint8_t * out = y + 2 * planes + i * ATD_R2_PLANE_BYTES;
+                for (int j = 0; j < ATD_R2_PLANE_BYTES; ++j) {  // element 64k + j in bits 2k, 2k+1
+                    out[j] = (uint8_t)(codes[j] | codes[64 + j] << 2 | codes[128 + j] << 4 | codes[192 + j] << 6);
                 }
             }
         }

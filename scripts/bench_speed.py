@@ -153,7 +153,8 @@ def bytes_per_token(path: Path) -> int:
         n_bytes = int(t.n_bytes)
         tid = int(t.tensor_type)
         if repacked() and gguf_types.is_atd_type_id(tid) and gguf_types.atd_type(tid).block_size == 256:
-            n_bytes = n_bytes // 54 * 66
+            at = gguf_types.atd_type(tid)  # r2 block: the scales, then 2 bits per weight (ATD_R2_TYPE_SIZE)
+            n_bytes = n_bytes // at.type_size * at.planes * (2 + at.block_size // 4)
         if t.name == "token_embd.weight" and "output.weight" in names:
             total += n_bytes // int(t.shape[-1])  # one row
         else:
