@@ -138,10 +138,10 @@ static void atd_isum_64_scalar(const uint8_t * blk, const block_atd_q8_64 * yb, 
 static void atd_isum_r2_scalar(const uint8_t * blk, const block_q8_K * yb, int planes, int32_t * isum) {
     const int32_t sumq = atd_q8_K_sum(yb);
     for (int i = 0; i < planes; ++i) {
-        const uint8_t * qs = blk + 2 * planes + i * ATD_R2_PLANE_BYTES;
+        const uint8_t * qs = blk + 2 * planes + i * ATD_R2_PLANE_BYTES(QK_ATD);
         int32_t         s  = 0;
         for (int e = 0; e < QK_ATD; ++e) {
-            s += ((qs[e % ATD_R2_PLANE_BYTES] >> (2 * (e / ATD_R2_PLANE_BYTES))) & 3) * yb->qs[e];
+            s += ((qs[e % ATD_R2_PLANE_BYTES(QK_ATD)] >> (2 * (e / ATD_R2_PLANE_BYTES(QK_ATD)))) & 3) * yb->qs[e];
         }
         isum[i] = s - sumq;
     }
@@ -166,6 +166,27 @@ static float atd_dot256_scalar(int n, const uint8_t * x, size_t bsz, const block
 
 static void atd_vec_dot_r2_scalar(int n, float * s, const uint8_t * x, size_t step, const block_q8_K * y, int planes) {
     *s = atd_dot256_scalar(n, x, step, y, planes, atd_isum_r2_scalar);
+}
+
+// r2, 64 family: one row against block_atd_q8_64r2 activations, the definition atd.h gives (the SIMD gemvs
+// keep a float lane per scale group c: bytes 4c .. 4c + 3 of a plane, in each of its four fields)
+static float atd_dot_r2_64_scalar(int n, atd_row_view v, const block_atd_q8_64r2 * y, int planes) {
+    float acc[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+    for (int b = 0; b < n / QK_ATD_64; ++b) {
+        const uint8_t * blk = v.blk + (size_t)b * v.step;
+        for (int i = 0; i < planes; ++i) {
+            const float     a = atd_dot_h2f(atd_dot_load_u16(blk + 2 * i));
+            const uint8_t * p = blk + v.poff + i * v.pstep;
+            for (int c = 0; c < ATD_Q8_64R2_GROUPS; ++c) {
+                int32_t s = -y[b].sum[c];  // sum (t+1) q - sum q = sum t q
+                for (int k = 0; k < 4; ++k) {
+                    for (int m = 0; m < 4; ++m) s += ((p[4 * c + m] >> (2 * k)) & 3) * y[b].qs[16 * k + 4 * c + m];
+                }
+                acc[c] = fmaf((float)s, a * y[b].d[c], acc[c]);
+            }
+        }
+    }
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 static void atd_vec_dot_scalar(int n, float * s, const void * vx, const void * vy, int planes, int block) {
@@ -557,7 +578,7 @@ ATD_DEFINE_AVX2_KERNELS(evex, ATD_TARGET_AVX512, atd_k256_avx2_evex)
         ATD_UNROLL for (int t = 0; t < 8; ++t) q[t] = _mm256_loadu_si256((const __m256i *)(yb->qs + 32 * ((t & 1) + 2 * (t >> 1)))); \
         const __m256i init = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)yb->bsums), _mm256_set1_epi16(-1)); \
         ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                       \
-            const uint8_t * p = blk + 2 * planes + i * ATD_R2_PLANE_BYTES;                                  \
+            const uint8_t * p = blk + 2 * planes + i * ATD_R2_PLANE_BYTES(QK_ATD);                                  \
             ATD_AVX2_DOT_##SFX##_T a = ATD_AVX2_DOT_##SFX##_ZERO();                                         \
             ATD_UNROLL for (int h = 0; h < 2; ++h) {                                                        \
                 const __m256i P = _mm256_loadu_si256((const __m256i *)(p + 32 * h));                        \
@@ -582,6 +603,66 @@ ATD_DEFINE_AVX2_ACC_R2(vnni, ATD_TARGET_AVXVNNI)
 #endif
 #if defined(ATD_HAVE_AVX512)
 ATD_DEFINE_AVX2_ACC_R2(evex, ATD_TARGET_AVX512)
+#endif
+
+// ---- r2 layout (atd.h), 64 family, AVX2 gemv: a group of four rows, a ymm per two rows and plane ---------
+//
+// A group's plane is 64 bytes, rows 2h and 2h + 1 in ymm h; field k, (P >> 2k) & 3, meets q[16k .. 16k + 15]
+// in both lanes. Each int32 lane sums one scale group (less its sum of q), then turns float with its row's
+// alpha times the group's d: the lanes of the scalar reference.
+ATD_TARGET_AVX2 ATD_INLINE void atd_r2_64_finish2(__m256 acc, float * out) {
+    __m256 t = _mm256_add_ps(acc, _mm256_permute_ps(acc, 0xb1));  // (c, c ^ 1)
+    t = _mm256_add_ps(t, _mm256_permute_ps(t, 0x4e));             // (0 + 1) + (2 + 3)
+    out[0] = _mm256_cvtss_f32(t);
+    out[1] = _mm_cvtss_f32(_mm256_extractf128_ps(t, 1));
+}
+#define ATD_DEFINE_AVX2_GEMV_R2_64(SFX, TARGET)                                                              \
+    TARGET ATD_INLINE void atd_gemv_r2_64_avx2_##SFX##_k(int n, const uint8_t * x, const block_atd_q8_64r2 * y, \
+                                                        float * out, const int planes) {                   \
+        const size_t  gsz = ATD_R2_GROUP * ATD_R2_TYPE_SIZE(planes, QK_ATD_64);                             \
+        const __m256i m3  = _mm256_set1_epi8(3);                                                            \
+        __m256        acc[2] = { _mm256_setzero_ps(), _mm256_setzero_ps() };                                \
+        for (int b = 0; b < n / QK_ATD_64; ++b) {                                                           \
+            const block_atd_q8_64r2 * yb = y + b;                                                           \
+            const uint8_t *           g  = x + (size_t)b * gsz;                                             \
+            __m256i                   q[4];                                                                 \
+            ATD_UNROLL for (int k = 0; k < 4; ++k) q[k] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(yb->qs + 16 * k))); \
+            const __m256i init = _mm256_sub_epi32(_mm256_setzero_si256(),                                   \
+                                                  _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)yb->sum))); \
+            const __m256  d    = _mm256_broadcast_ps((const __m128 *)yb->d);                                \
+            /* the scales, row by row (the 16-byte loads stay in the group's block: 72 N bytes) */          \
+            ATD_ALIGN64 float al[16];                                                                       \
+            _mm256_store_ps(al, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g)));                      \
+            if (planes > 2) _mm256_store_ps(al + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)))); \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                ATD_UNROLL for (int h = 0; h < 2; ++h) {                                                    \
+                    const __m256i P = _mm256_loadu_si256((const __m256i *)(g + 8 * planes + 64 * i + 32 * h)); \
+                    ATD_AVX2_DOT_##SFX##_T a = ATD_AVX2_DOT_##SFX##_ZERO();                                 \
+                    ATD_UNROLL for (int k = 0; k < 4; ++k) {                                                \
+                        a = ATD_AVX2_DOT_##SFX##_ADD(a, _mm256_and_si256(k ? _mm256_srli_epi16(P, 2 * k) : P, m3), q[k]); \
+                    }                                                                                       \
+                    const __m256i s  = _mm256_add_epi32(init, ATD_AVX2_DOT_##SFX##_I32(a));                 \
+                    const __m256  sc = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(al[(2 * h + 1) * planes + i]), \
+                                                                     _mm_set1_ps(al[2 * h * planes + i])), d); \
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[h]);                            \
+                }                                                                                           \
+            }                                                                                               \
+        }                                                                                                   \
+        atd_r2_64_finish2(acc[0], out);                                                                     \
+        atd_r2_64_finish2(acc[1], out + 2);                                                                 \
+    }                                                                                                       \
+    TARGET static void atd_gemv_r2_64_avx2_##SFX(int n, const uint8_t * x, const block_atd_q8_64r2 * y,      \
+                                                 float * out, int planes) {                                \
+        ATD_DISPATCH_PLANES(planes, atd_gemv_r2_64_avx2_##SFX##_k, n, x, y, out);                           \
+    }
+
+// mad: four fields of maddubs pairs (codes 0..2 times q) per int16 lane stay below 2^15
+ATD_DEFINE_AVX2_GEMV_R2_64(mad, ATD_TARGET_AVX2)
+#if defined(ATD_HAVE_AVXVNNI)
+ATD_DEFINE_AVX2_GEMV_R2_64(vnni, ATD_TARGET_AVXVNNI)
+#endif
+#if defined(ATD_HAVE_AVX512)
+ATD_DEFINE_AVX2_GEMV_R2_64(evex, ATD_TARGET_AVX512)
 #endif
 
 // ---- AVX2 gemv of the 64 family: two rows per ymm ---------------------------------------------------------
@@ -1111,7 +1192,7 @@ ATD_TARGET_AVX512GFNI ATD_INLINE __m512i atd_r2_field_gfni(__m512i P, int k) {
     TARGET ATD_INLINE void atd_gemv_r2_avx512_##FIELD##_k(int n, const uint8_t * x, const block_q8_K * y,    \
                                                          float * out, const int planes) {                  \
         const int    nb  = n / QK_ATD;                                                                      \
-        const size_t bsz = ATD_R2_TYPE_SIZE(planes);                                                        \
+        const size_t bsz = ATD_R2_TYPE_SIZE(planes, QK_ATD);                                                        \
         __m128       L[ATD_LANES];                                                                          \
         for (int l = 0; l < ATD_LANES; ++l) L[l] = _mm_setzero_ps();                                        \
         for (int b = 0; b < nb; ++b) {                                                                      \
@@ -1125,7 +1206,7 @@ ATD_TARGET_AVX512GFNI ATD_INLINE __m512i atd_r2_field_gfni(__m512i P, int k) {
             ATD_UNROLL for (int r = 0; r < 4; ++r) {                                                        \
                 const uint8_t * br = blk + (size_t)r * bsz;                                                 \
                 ATD_UNROLL for (int i = 0; i < planes; ++i) {                                               \
-                    const __m512i P = _mm512_loadu_si512((const void *)(br + 2 * planes + i * ATD_R2_PLANE_BYTES)); \
+                    const __m512i P = _mm512_loadu_si512((const void *)(br + 2 * planes + i * ATD_R2_PLANE_BYTES(QK_ATD))); \
                     __m512i a = _mm512_dpbusd_epi32(init, atd_r2_field_##FIELD(P, 0), q[0]);                \
                     ATD_UNROLL for (int k = 1; k < 4; ++k) a = _mm512_dpbusd_epi32(a, atd_r2_field_##FIELD(P, k), q[k]); \
                     acc[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1)); \
@@ -1143,6 +1224,51 @@ ATD_TARGET_AVX512GFNI ATD_INLINE __m512i atd_r2_field_gfni(__m512i P, int k) {
 ATD_DEFINE_AVX512_GEMV_R2(shift, ATD_TARGET_AVX512)
 #if defined(ATD_HAVE_AVX512GFNI)
 ATD_DEFINE_AVX512_GEMV_R2(gfni, ATD_TARGET_AVX512GFNI)
+#endif
+
+// The 64 family: a group's plane is one zmm (128-bit lane r: row r), field k meets q[16k .. 16k + 15] in
+// every lane; the int32 lanes (scale groups) and their float combination are the AVX2 gemv's (the scalar
+// reference's).
+#define ATD_DEFINE_AVX512_GEMV_R2_64(FIELD, TARGET)                                                          \
+    TARGET ATD_INLINE void atd_gemv_r2_64_avx512_##FIELD##_k(int n, const uint8_t * x, const block_atd_q8_64r2 * y, \
+                                                            float * out, const int planes) {               \
+        const size_t    gsz = ATD_R2_GROUP * ATD_R2_TYPE_SIZE(planes, QK_ATD_64);                           \
+        const __mmask16 sm  = (__mmask16)((1u << (4 * planes)) - 1);  /* the group's 4 N scales */         \
+        __m512i         idx[ATD_MAX_PLANES];  /* lane r of plane i: scale r N + i */                       \
+        ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                       \
+            idx[i] = _mm512_set_epi32(3 * planes + i, 3 * planes + i, 3 * planes + i, 3 * planes + i,       \
+                                      2 * planes + i, 2 * planes + i, 2 * planes + i, 2 * planes + i,       \
+                                      planes + i, planes + i, planes + i, planes + i, i, i, i, i);          \
+        }                                                                                                   \
+        __m512 acc = _mm512_setzero_ps();                                                                   \
+        for (int b = 0; b < n / QK_ATD_64; ++b) {                                                           \
+            const block_atd_q8_64r2 * yb = y + b;                                                           \
+            const uint8_t *           g  = x + (size_t)b * gsz;                                             \
+            __m512i                   q[4];                                                                 \
+            ATD_UNROLL for (int k = 0; k < 4; ++k) q[k] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(yb->qs + 16 * k))); \
+            const __m512i init = _mm512_sub_epi32(_mm512_setzero_si512(),                                   \
+                                                  _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)yb->sum))); \
+            const __m512  d    = _mm512_broadcast_f32x4(_mm_loadu_ps(yb->d));                               \
+            const __m512  al   = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(sm, g));                          \
+            ATD_UNROLL for (int i = 0; i < planes; ++i) {                                                   \
+                const __m512i P = _mm512_loadu_si512((const void *)(g + 8 * planes + 64 * i));              \
+                __m512i a = _mm512_dpbusd_epi32(init, atd_r2_field_##FIELD(P, 0), q[0]);                    \
+                ATD_UNROLL for (int k = 1; k < 4; ++k) a = _mm512_dpbusd_epi32(a, atd_r2_field_##FIELD(P, k), q[k]); \
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(_mm512_permutexvar_ps(idx[i], al), d), acc); \
+            }                                                                                               \
+        }                                                                                                   \
+        __m512 t = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0xb1));                                        \
+        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4e));                                                   \
+        _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, t)));                    \
+    }                                                                                                       \
+    TARGET static void atd_gemv_r2_64_avx512_##FIELD(int n, const uint8_t * x, const block_atd_q8_64r2 * y,  \
+                                                     float * out, int planes) {                            \
+        ATD_DISPATCH_PLANES(planes, atd_gemv_r2_64_avx512_##FIELD##_k, n, x, y, out);                       \
+    }
+
+ATD_DEFINE_AVX512_GEMV_R2_64(shift, ATD_TARGET_AVX512)
+#if defined(ATD_HAVE_AVX512GFNI)
+ATD_DEFINE_AVX512_GEMV_R2_64(gfni, ATD_TARGET_AVX512GFNI)
 #endif
 #endif  // ATD_HAVE_AVX512
 #endif  // ATD_HAVE_AVX2
@@ -1584,14 +1710,59 @@ void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, 
 
 typedef void (*atd_dot_r2_fn)(int n, float * s, const uint8_t * x, size_t step, const block_q8_K * y, int planes);
 
-void atd_gemv_r2_path(int n, int planes, const void * vx, int nr, const void * vy, float * out, int path) {
-    if (n < QK_ATD || n % QK_ATD != 0 || planes < 1 || planes > ATD_MAX_PLANES || nr <= 0) {
+typedef void (*atd_gemv_r2_64_fn)(int n, const uint8_t * x, const block_atd_q8_64r2 * y, float * out, int planes);
+
+// the 64 family: whole groups by the SIMD gemv of the path, single rows by the scalar reference
+static void atd_gemv_r2_64(int n, int planes, const void * vx, int nr, const block_atd_q8_64r2 * y, float * out,
+                           int path) {
+    const size_t      rsz = (size_t)(n / QK_ATD_64) * ATD_R2_TYPE_SIZE(planes, QK_ATD_64);
+    const int         v   = atd_dot_variant_of(path);
+    atd_gemv_r2_64_fn g   = NULL;
+    (void)v;
+#if defined(ATD_HAVE_AVX512)
+    if (path == ATD_PATH_AVX512) {
+        g = atd_gemv_r2_64_avx512_shift;
+#if defined(ATD_HAVE_AVX512GFNI)
+        if (v == 3) g = atd_gemv_r2_64_avx512_gfni;
+#endif
+    }
+#endif
+#if defined(ATD_HAVE_AVX2)
+    if (path == ATD_PATH_AVX2) {
+        g = atd_gemv_r2_64_avx2_mad;
+#if defined(ATD_HAVE_AVXVNNI)
+        if (v == 2) g = atd_gemv_r2_64_avx2_vnni;
+#endif
+#if defined(ATD_HAVE_AVX512)
+        if (v == 3) g = atd_gemv_r2_64_avx2_evex;
+#endif
+    }
+#endif
+    int r = 0;
+    if (g != NULL) {
+        _Static_assert(ATD_R2_GROUP == 4, "the r2 gemvs take four rows");
+        for (; r + ATD_R2_GROUP <= nr; r += ATD_R2_GROUP) {
+            g(n, (const uint8_t *)vx + (size_t)r * rsz, y, out + r, planes);
+        }
+    }
+    for (; r < nr; ++r) {
+        out[r] = atd_dot_r2_64_scalar(n, atd_r2_row(vx, nr, r, rsz, planes, QK_ATD_64), y, planes);
+    }
+}
+
+void atd_gemv_r2_path(int n, int planes, int block, const void * vx, int nr, const void * vy, float * out, int path) {
+    if ((block != QK_ATD && block != QK_ATD_64) || n < block || n % block != 0 || planes < 1 ||
+        planes > ATD_MAX_PLANES || nr <= 0) {
         return;
     }
     if (path == ATD_PATH_AUTO || !atd_path_available(path)) {
         path = atd_selected_path();
     }
-    const size_t       bsz = ATD_R2_TYPE_SIZE(planes), rsz = (size_t)(n / QK_ATD) * bsz;
+    if (block == QK_ATD_64) {
+        atd_gemv_r2_64(n, planes, vx, nr, (const block_atd_q8_64r2 *)vy, out, path);
+        return;
+    }
+    const size_t       bsz = ATD_R2_TYPE_SIZE(planes, QK_ATD), rsz = (size_t)(n / QK_ATD) * bsz;
     const block_q8_K * y   = (const block_q8_K *)vy;
     const int          v   = atd_dot_variant_of(path);
     atd_dot_r2_fn      one = atd_vec_dot_r2_scalar;
@@ -1623,14 +1794,13 @@ void atd_gemv_r2_path(int n, int planes, const void * vx, int nr, const void * v
     }
 #endif
     for (; r < nr; ++r) {
-        size_t                step;
-        const uint8_t * const x = atd_r2_row(vx, nr, r, rsz, bsz, &step);
-        one(n, out + r, x, step, y, planes);
+        const atd_row_view rv = atd_r2_row(vx, nr, r, rsz, planes, QK_ATD);
+        one(n, out + r, rv.blk, rv.step, y, planes);
     }
 }
 
-void atd_gemv_r2(int n, int planes, const void * vx, int nr, const void * vy, float * out) {
-    atd_gemv_r2_path(n, planes, vx, nr, vy, out, ATD_PATH_AUTO);
+void atd_gemv_r2(int n, int planes, int block, const void * vx, int nr, const void * vy, float * out) {
+    atd_gemv_r2_path(n, planes, block, vx, nr, vy, out, ATD_PATH_AUTO);
 }
 
 // ---- activation quantizers ---------------------------------------------------------------------------

@@ -172,18 +172,17 @@ static inline int atd_mm_round(float level, float inv) {
 }
 
 // the reference: blocks [b0, b0 + nblk) of one row into natural order, u[e] = w + 128, s[b] = step
-// (r2: a row in the r2 layout of atd.h, B = 256; bstep: bytes from one block of the row to the next)
-static void atd_mm_decode_ref(const uint8_t * row, size_t bstep, int planes, int block, int b0, int nblk, uint8_t * u,
-                              float * s, int r2) {
-    const int S = r2 ? ATD_R2_PLANE_BYTES : ATD_PLANE_BYTES(block);
+// (v: the row, in the file layout or the r2 layout of atd.h)
+static void atd_mm_decode_ref(const atd_row_view * v, int planes, int block, int b0, int nblk, uint8_t * u, float * s) {
+    const int r2 = v->r2, S = r2 ? ATD_R2_PLANE_BYTES(block) : ATD_PLANE_BYTES(block);
     for (int b = 0; b < nblk; ++b) {
-        const uint8_t * blk = row + (size_t)(b0 + b) * bstep;
+        const uint8_t * blk = v->blk + (size_t)(b0 + b) * v->step;
         float           alpha[ATD_MAX_PLANES];
         const float     inv = atd_mm_block_scale(blk, planes, alpha, &s[b]);
         for (int e = 0; e < block; ++e) {
             float L = 0.0f;
             for (int i = 0; i < planes; ++i) {
-                const uint8_t b = blk[2 * planes + i * S + e % S];
+                const uint8_t b = blk[v->poff + i * v->pstep + e % S];
                 const int     t = (r2 ? (b >> (2 * (e / S))) & 3 : atd_byte_digit(b, e / S)) - 1;
                 L = fmaf(alpha[i], (float)t, L);  // exact product: the §3 sum, plane order
             }
@@ -313,8 +312,8 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_mm_lookup_avx2(__m256i idx, const __m256i
 }
 
 // blocks [b0, b0 + nblk) of one row into natural order (the same bytes as atd_mm_decode_ref)
-ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const uint8_t * row, size_t bstep, int planes, int block, int b0,
-                                                int nblk, uint8_t * u, float * s, int last_block, int r2) {
+ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const atd_row_view * v, int planes, int block, int b0, int nblk,
+                                                uint8_t * u, float * s, int last_block) {
     const size_t bsz = ATD_TYPE_SIZE(planes, block);
     const int    S   = ATD_PLANE_BYTES(block);
     const int    n16 = (atd_mm_ncombos(planes) + 15) / 16;
@@ -323,8 +322,8 @@ ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const uint8_t * row, size_t bstep
     ATD_ALIGN64 uint8_t lt[ATD_MM_COMBOS] = { 0 };  // entries past 3^N are never looked up
     uint8_t             pad[ATD_TYPE_SIZE(ATD_MAX_PLANES, QK_ATD_64) + 16];
     for (int b = 0; b < nblk; ++b) {
-        const uint8_t * blk = row + (size_t)(b0 + b) * bstep;
-        if (block == QK_ATD_64 && b0 + b == last_block) {
+        const uint8_t * blk = v->blk + (size_t)(b0 + b) * v->step;
+        if (block == QK_ATD_64 && b0 + b == last_block && !v->r2) {
             // 16-byte loads of the last 64-block of a row would read past it: a padded copy
             memset(pad, 0, sizeof pad);
             memcpy(pad, blk, bsz);
@@ -339,9 +338,17 @@ ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const uint8_t * row, size_t bstep
         }
         // codes of every plane in natural order (digit k of byte j at S k + j; stores overlap in order)
         for (int i = 0; i < planes; ++i) {
-            if (r2) {  // bits 2k, 2k+1 of byte j: element 64k + j
-                const uint8_t * p  = blk + 2 * planes + i * ATD_R2_PLANE_BYTES;
-                const __m256i   m3 = _mm256_set1_epi8(3);
+            const uint8_t * p = blk + v->poff + i * v->pstep;
+            if (v->r2) {  // bits 2k, 2k+1 of byte j: element (B/4) k + j
+                const __m256i m3 = _mm256_set1_epi8(3);
+                if (block == QK_ATD_64) {
+                    const __m128i P = _mm_loadu_si128((const __m128i *)p);
+                    for (int k = 0; k < 4; ++k) {
+                        _mm_storeu_si128((__m128i *)(codes[i] + 16 * k),
+                                         _mm_and_si128(_mm_srli_epi16(P, 2 * k), _mm256_castsi256_si128(m3)));
+                    }
+                    continue;
+                }
                 for (int h = 0; h < 2; ++h) {
                     const __m256i P = _mm256_loadu_si256((const __m256i *)(p + 32 * h));
                     for (int k = 0; k < 4; ++k) {
@@ -351,7 +358,6 @@ ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const uint8_t * row, size_t bstep
                 }
                 continue;
             }
-            const uint8_t * p = blk + 2 * planes + i * S;
             if (block == QK_ATD) {
                 const __m256i A = _mm256_loadu_si256((const __m256i *)p);
                 const __m256i B = _mm256_loadu_si256((const __m256i *)(p + 20));
@@ -852,17 +858,17 @@ static int atd_mm_kind(int path) {
 
 // blocks [b0, b0 + nblk) of one row (of nb blocks) into natural order by the decoder of a kernel kind:
 // u[e] = w + 128, s[b * ATD_MM_MR_MAX] the block's step
-static void atd_mm_decode_blocks(int kind, const uint8_t * row, size_t bstep, int planes, int block, int nb, int b0,
-                                 int nblk, uint8_t * u, float * s, int r2) {
+static void atd_mm_decode_blocks(int kind, const atd_row_view * v, int planes, int block, int nb, int b0, int nblk,
+                                 uint8_t * u, float * s) {
     (void)nb;
     switch (kind) {
 #if defined(ATD_HAVE_AVX512VBMI)
         case ATD_MM_K_AVX512_VBMI:
-            if (!r2) {
-                atd_mm_decode_avx512(row, planes, block, b0, nblk, u, s);
+            if (!v->r2) {
+                atd_mm_decode_avx512(v->blk, planes, block, b0, nblk, u, s);
                 break;
             }
-            atd_mm_decode_avx2(row, bstep, planes, block, b0, nblk, u, s, nb - 1, r2);  // r2 needs no digit tables
+            atd_mm_decode_avx2(v, planes, block, b0, nblk, u, s, nb - 1);  // r2 needs no digit tables
             break;
 #endif
 #if defined(ATD_HAVE_AVX2)
@@ -870,12 +876,12 @@ static void atd_mm_decode_blocks(int kind, const uint8_t * row, size_t bstep, in
         case ATD_MM_K_AVX2_MAD:
         case ATD_MM_K_AVX2_VNNI:
         case ATD_MM_K_AVX2_EVEX:
-            atd_mm_decode_avx2(row, bstep, planes, block, b0, nblk, u, s, nb - 1, r2);
+            atd_mm_decode_avx2(v, planes, block, b0, nblk, u, s, nb - 1);
             break;
 #endif
         default:
             for (int b = 0; b < nblk; ++b) {
-                atd_mm_decode_ref(row, bstep, planes, block, b0 + b, 1, u + b * block, &s[b * ATD_MM_MR_MAX], r2);
+                atd_mm_decode_ref(v, planes, block, b0 + b, 1, u + b * block, &s[b * ATD_MM_MR_MAX]);
             }
             break;
     }
@@ -884,7 +890,7 @@ static void atd_mm_decode_blocks(int kind, const uint8_t * row, size_t bstep, in
 static void atd_mul_mat_impl(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy,
                              size_t by, int nc, float * dst, size_t ldd, void * scratch, int path, int r2) {
     if (n < block || nr <= 0 || nc <= 0 || planes < 1 || planes > ATD_MAX_PLANES ||
-        (block != QK_ATD && block != QK_ATD_64) || (r2 && block != QK_ATD)) {
+        (block != QK_ATD && block != QK_ATD_64)) {
         return;
     }
     if (path == ATD_PATH_AUTO || !atd_path_available(path)) {
@@ -915,10 +921,9 @@ static void atd_mul_mat_impl(int n, int planes, int block, const void * vx, size
                         for (int b = 0; b < nblk; ++b) sr[b * ATD_MM_MR_MAX] = 0.0f;
                         continue;
                     }
-                    size_t          bstep = ATD_TYPE_SIZE(planes, block);
-                    const uint8_t * row   = r2 ? atd_r2_row(vx, nr, r0 + rs + r, bx, ATD_R2_TYPE_SIZE(planes), &bstep)
-                                               : (const uint8_t *)vx + (size_t)(r0 + rs + r) * bx;
-                    atd_mm_decode_blocks(kind, row, bstep, planes, block, nb, kb0, nblk, u, sr, r2);
+                    const atd_row_view v = r2 ? atd_r2_row(vx, nr, r0 + rs + r, bx, planes, block)
+                                              : atd_file_row((const uint8_t *)vx + (size_t)(r0 + rs + r) * bx, planes, block);
+                    atd_mm_decode_blocks(kind, &v, planes, block, nb, kb0, nblk, u, sr);
                 }
                 switch (kind) {
 #if defined(ATD_HAVE_AVX512)
@@ -997,9 +1002,10 @@ void atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, 
 }
 
 // (r2: bx is the row size of the r2 layout, rows are found by atd_r2_row)
-void atd_mul_mat_r2_path(int n, int planes, const void * vx, int nr, const void * vy, size_t by, int nc, float * dst,
-                         size_t ldd, void * scratch, int path) {
-    atd_mul_mat_impl(n, planes, QK_ATD, vx, atd_r2_row_size(planes, n), nr, vy, by, nc, dst, ldd, scratch, path, 1);
+void atd_mul_mat_r2_path(int n, int planes, int block, const void * vx, int nr, const void * vy, size_t by, int nc,
+                         float * dst, size_t ldd, void * scratch, int path) {
+    const size_t bx = atd_r2_row_size(planes, block, n);
+    if (bx != 0) atd_mul_mat_impl(n, planes, block, vx, bx, nr, vy, by, nc, dst, ldd, scratch, path, 1);
 }
 
 void atd_mul_mat(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by, int nc,
@@ -1015,9 +1021,9 @@ void atd_mm_decode_row(const void * row, int planes, int block, int nb, int b0, 
                        int path) {
     ATD_ALIGN64 uint8_t buf[ATD_MM_NAT_STRIDE];
     float               sc[ATD_MM_KC / QK_ATD_64 * ATD_MM_MR_MAX];
-    const uint8_t *     x = (const uint8_t *)row;
+    const atd_row_view  v = atd_file_row(row, planes, block);
     if (path == ATD_PATH_AUTO || !atd_path_available(path)) path = atd_selected_path();
-    atd_mm_decode_blocks(atd_mm_kind(path), x, ATD_TYPE_SIZE(planes, block), planes, block, nb, b0, nblk, buf, sc, 0);
+    atd_mm_decode_blocks(atd_mm_kind(path), &v, planes, block, nb, b0, nblk, buf, sc);
     memcpy(u, buf, (size_t)nblk * block);
     for (int b = 0; b < nblk; ++b) s[b] = sc[b * ATD_MM_MR_MAX];
 }

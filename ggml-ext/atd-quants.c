@@ -944,33 +944,46 @@ void atd_dequantize_row(const void * vx, float * y, int64_t k, int planes, int b
 
 // ---- the r2 layout (atd.h) ----------------------------------------------------------------------
 
-size_t atd_r2_row_size(int planes, int64_t n) {
-    if (planes < 1 || planes > ATD_MAX_PLANES || n <= 0 || n % QK_ATD != 0) return 0;
-    return (size_t)(n / QK_ATD) * ATD_R2_TYPE_SIZE(planes);
+size_t atd_r2_row_size(int planes, int block, int64_t n) {
+    if (!atd_type_ok(planes, block) || n <= 0 || n % block != 0) return 0;
+    return (size_t)(n / block) * ATD_R2_TYPE_SIZE(planes, block);
 }
 
-size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes) {
-    const size_t rsz = atd_r2_row_size(planes, n);
+size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block) {
+    const size_t rsz = atd_r2_row_size(planes, block, n);
     if (rsz == 0 || nrows < 0) return 0;
-    const int       S = ATD_PLANE_BYTES(QK_ATD);
+    const int       S = ATD_PLANE_BYTES(block), S2 = ATD_R2_PLANE_BYTES(block);
     const uint8_t * x = (const uint8_t *)src;
     for (int64_t r = 0; r < nrows; ++r) {
-        size_t          step;
-        uint8_t * const row = (uint8_t *)atd_r2_row(dst, nrows, r, rsz, ATD_R2_TYPE_SIZE(planes), &step);
-        for (int64_t b = 0; b < n / QK_ATD; ++b, x += ATD_TYPE_SIZE(planes, QK_ATD)) {
-            uint8_t * y = row + (size_t)b * step;
+        const atd_row_view v = atd_r2_row(dst, nrows, r, rsz, planes, block);
+        for (int64_t b = 0; b < n / block; ++b, x += ATD_TYPE_SIZE(planes, block)) {
+            uint8_t * y = (uint8_t *)v.blk + (size_t)b * v.step;
             memcpy(y, x, 2 * (size_t)planes);
             for (int i = 0; i < planes; ++i) {
                 uint8_t codes[QK_ATD];
-                atd_unpack_plane(x + 2 * planes + i * S, QK_ATD, codes);
-                uint8_t * out = y + 2 * planes + i * ATD_R2_PLANE_BYTES;
-                for (int j = 0; j < ATD_R2_PLANE_BYTES; ++j) {  // element 64k + j in bits 2k, 2k+1
-                    out[j] = (uint8_t)(codes[j] | codes[64 + j] << 2 | codes[128 + j] << 4 | codes[192 + j] << 6);
+                atd_unpack_plane(x + 2 * planes + i * S, block, codes);
+                uint8_t * out = y + v.poff + i * v.pstep;
+                for (int j = 0; j < S2; ++j) {  // element S2 k + j in bits 2k, 2k+1
+                    out[j] = (uint8_t)(codes[j] | codes[S2 + j] << 2 | codes[2 * S2 + j] << 4 | codes[3 * S2 + j] << 6);
                 }
             }
         }
     }
     return (size_t)nrows * rsz;
+}
+
+// per block of 64 and scale group (atd.h): d = max|x| / 127, q = nearest int of x / d (atd_quantize_group)
+void quantize_row_atd_q8_64r2(const float * x, void * vy, int64_t k) {
+    block_atd_q8_64r2 * y = (block_atd_q8_64r2 *)vy;
+    for (int64_t b = 0; b < k / QK_ATD_64; ++b) {
+        for (int c = 0; c < ATD_Q8_64R2_GROUPS; ++c) {
+            float  g[16];
+            int8_t q[16];
+            for (int e = 0; e < 16; ++e) g[e] = x[b * QK_ATD_64 + 16 * (e / 4) + 4 * c + e % 4];
+            y[b].d[c] = atd_quantize_group(g, 16, q, &y[b].sum[c]);
+            for (int e = 0; e < 16; ++e) y[b].qs[16 * (e / 4) + 4 * c + e % 4] = q[e];
+        }
+    }
 }
 
 // per byte value: bit 0 = canonical (what atd_encode_byte writes for the digits it decodes to),

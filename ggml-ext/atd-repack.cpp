@@ -1,8 +1,8 @@
 // The "CPU_ATD_R2" buffer type of the patched ggml-cpu: an extra buffer type, like ggml's CPU_REPACK, that
-// holds ATD1..ATD4 weights in the r2 layout of atd.h (2 bits per trit). llama.cpp offers it to every weight
-// of a mul_mat; the weights it takes are repacked as they are loaded (set_tensor), at 66/54 of the file's
-// bytes in memory, and their mul_mats run the r2 kernels (ggml_compute_forward_mul_mat_atd_r2 in
-// ggml-cpu.c). ATD_REPACK=0 in the environment, or llama.cpp's --no-repack, keeps the file layout.
+// holds ATD weights in the r2 layout of atd.h (2 bits per trit). llama.cpp offers it to every weight of a
+// mul_mat; the weights it takes are repacked as they are loaded (set_tensor), at 66/54 (ATD1..ATD4) or
+// 18/15 (ATD1_64..ATD4_64) of the file's bytes in memory, and their mul_mats run the r2 kernels
+// (ggml_compute_forward_mul_mat_atd_r2 in ggml-cpu.c). ATD_REPACK=0 in the environment, or llama.cpp's --no-repack, keeps the file layout.
 // Only compiled into ggml-cpu (the cffi extension takes the *.c files).
 #define GGML_COMMON_DECL_CPP  // ggml-common.h's block types, for atd.h
 #include "atd.h"
@@ -22,13 +22,14 @@ extern "C" bool ggml_compute_forward_mul_mat_atd_r2(const struct ggml_compute_pa
 
 ggml_backend_buffer_type_t ggml_backend_cpu_atd_r2_buffer_type(void);
 
-// planes of an ATD1..ATD4 matrix whose rows the r2 kernels take, else 0
-static int atd_r2_planes(const struct ggml_tensor * t) {
-    if (t->type < GGML_TYPE_ATD1 || t->type > GGML_TYPE_ATD4 || t->ne[0] % QK_ATD != 0 || t->ne[0] > INT32_MAX ||
-        t->ne[1] > INT32_MAX || t->ne[2] != 1 || t->ne[3] != 1) {
+// planes of an ATD matrix whose rows the r2 kernels take (and in *block its block size), else 0
+static int atd_r2_planes(const struct ggml_tensor * t, int * block) {
+    if (t->type < GGML_TYPE_ATD1 || t->type > GGML_TYPE_ATD4_64 || t->ne[0] > INT32_MAX || t->ne[1] > INT32_MAX ||
+        t->ne[2] != 1 || t->ne[3] != 1) {
         return 0;
     }
-    return (int) (t->type - GGML_TYPE_ATD1) + 1;
+    *block = t->type <= GGML_TYPE_ATD4 ? QK_ATD : QK_ATD_64;
+    return t->ne[0] % *block == 0 ? (int) (t->type - GGML_TYPE_ATD1) % 4 + 1 : 0;
 }
 
 static bool atd_r2_in_buffer(const struct ggml_tensor * t) {
@@ -41,14 +42,15 @@ static bool atd_r2_in_buffer(const struct ggml_tensor * t) {
 static void atd_r2_buffer_set_tensor(ggml_backend_buffer_t buffer, struct ggml_tensor * tensor, const void * data,
                                      size_t offset, size_t size) {
     GGML_UNUSED(buffer);
-    const int     planes = atd_r2_planes(tensor);
+    int           block  = 0;
+    const int     planes = atd_r2_planes(tensor, &block);
     const size_t  row    = tensor->nb[1];
     const int64_t r0     = (int64_t) (offset / row), nr = (int64_t) (size / row);
     if (planes == 0 || offset % row != 0 || size % row != 0 || r0 % ATD_R2_GROUP != 0 ||
         (nr % ATD_R2_GROUP != 0 && r0 + nr != tensor->ne[1])) {
-        GGML_ABORT("%s: %s: only whole groups of rows of ATD1..ATD4 matrices can be written", __func__, tensor->name);
+        GGML_ABORT("%s: %s: only whole groups of rows of ATD matrices can be written", __func__, tensor->name);
     }
-    const size_t r2_row = atd_r2_row_size(planes, tensor->ne[0]);
+    const size_t r2_row = atd_r2_row_size(planes, block, tensor->ne[0]);
     char *       dst    = (char *) tensor->data + r0 * r2_row;
     const int64_t ngroups = (nr + ATD_R2_GROUP - 1) / ATD_R2_GROUP;
     const int64_t nth     = std::max<int64_t>(1, std::min<int64_t>(std::thread::hardware_concurrency(),
@@ -56,7 +58,8 @@ static void atd_r2_buffer_set_tensor(ggml_backend_buffer_t buffer, struct ggml_t
     std::vector<std::thread> threads;
     for (int64_t t = 0; t < nth; ++t) {
         const int64_t a = ngroups * t / nth * ATD_R2_GROUP, b = std::min(nr, ngroups * (t + 1) / nth * ATD_R2_GROUP);
-        auto work = [=] { atd_repack_r2((const char *) data + a * row, dst + a * r2_row, b - a, tensor->ne[0], planes); };
+        auto work = [=] { atd_repack_r2((const char *) data + a * row, dst + a * r2_row, b - a, tensor->ne[0], planes, block);
+        };
         if (t + 1 < nth) {
             threads.emplace_back(work);
         } else {
@@ -92,8 +95,9 @@ static size_t atd_r2_buffer_type_get_alignment(ggml_backend_buffer_type_t buft) 
 
 static size_t atd_r2_buffer_type_get_alloc_size(ggml_backend_buffer_type_t buft, const struct ggml_tensor * tensor) {
     GGML_UNUSED(buft);
-    const int planes = atd_r2_planes(tensor);
-    return planes ? (size_t) tensor->ne[1] * atd_r2_row_size(planes, tensor->ne[0]) : ggml_nbytes(tensor);
+    int       block  = 0;
+    const int planes = atd_r2_planes(tensor, &block);
+    return planes ? (size_t) tensor->ne[1] * atd_r2_row_size(planes, block, tensor->ne[0]) : ggml_nbytes(tensor);
 }
 
 namespace atd_r2 {
@@ -111,7 +115,8 @@ class extra_buffer_type : public ggml::cpu::extra_buffer_type {
     bool supports_op(ggml_backend_dev_t, const struct ggml_tensor * op) override {
         const struct ggml_tensor * w = op->src[0];
         const struct ggml_tensor * x = op->src[1];
-        return op->op == GGML_OP_MUL_MAT && atd_r2_in_buffer(w) && atd_r2_planes(w) != 0 &&
+        int        block = 0;
+        return op->op == GGML_OP_MUL_MAT && atd_r2_in_buffer(w) && atd_r2_planes(w, &block) != 0 &&
                x->type == GGML_TYPE_F32 && (x->buffer == nullptr || ggml_backend_buft_is_host(x->buffer->buft));
     }
 

@@ -90,17 +90,30 @@ typedef struct {
 // bytes of one block: N fp16 scales + N planes of ceil(B/5) bytes (the formula gguf_types uses)
 #define ATD_TYPE_SIZE(N, B) ((N) * (2 + ATD_PLANE_BYTES(B)))
 
-// The r2 layout of the 256 family: runtime only (the patched ggml-cpu repacks ATD1..ATD4 weights into it
-// as it loads them; never in a file). Each trit takes 2 bits, so a kernel gets a plane's codes with a
-// shift and an and instead of the base-3 digit decoding, for 66/54 of the bytes. Block: the same fp16
-// scales, then per plane 64 bytes; bits 2k, 2k+1 of byte j hold the code (t + 1) of element 64k + j.
-// Rows go in groups of ATD_R2_GROUP, interleaved block by block (block b of the group's row r at
-// (b * ATD_R2_GROUP + r) blocks from the group's start), so a kernel that takes the group's rows together
-// reads one stream; rows after the last whole group stay single. A group of rows takes the bytes of as
-// many rows, so row r's group or single row starts at r * row size either way.
-#define ATD_R2_PLANE_BYTES (QK_ATD / 4)
-#define ATD_R2_TYPE_SIZE(N) ((N) * (2 + ATD_R2_PLANE_BYTES))
+// The r2 layout: runtime only (the patched ggml-cpu repacks ATD weights into it as it loads them; never in
+// a file). Each trit takes 2 bits, so a kernel gets a plane's codes with a shift and an and instead of the
+// base-3 digit decoding. A block of B weights keeps its N fp16 scales and has B/4 bytes per plane; bits 2k,
+// 2k+1 of plane byte j hold the code (t + 1) of element (B/4) k + j. Rows go in groups of ATD_R2_GROUP,
+// interleaved block by block, so a kernel that takes a group's rows together reads one stream; rows after
+// the last whole group stay single (each block: scales, then planes). A group takes the bytes of as many
+// rows, so row r's group or single row starts at r * row size either way. Within a group, block b:
+//   - B = 256 (66/54 of the file's bytes): the four rows' blocks one after the other (scales, then planes);
+//   - B = 64 (18/15 of the file's bytes): the 4N scales (row by row), then plane by plane the four rows'
+//     16 bytes, so one 64-byte load holds a plane of the four rows.
+#define ATD_R2_PLANE_BYTES(B) ((B) / 4)
+#define ATD_R2_TYPE_SIZE(N, B) ((N) * (2 + ATD_R2_PLANE_BYTES(B)))
 #define ATD_R2_GROUP 4
+
+// Activations of the 64 family's r2 gemv: natural order, four scale groups that follow the 4-byte columns
+// of the r2 planes: element 16k + 4c + m (k, m < 4) is in group c (16 elements, finer than vec_dot's 20),
+// with d[c] = max|x| / 127 of the group (as atd_quantize_group) and sum[c] its sum of q. The int32 lanes of
+// a vpdpbusd over a plane's 16 bytes are then the groups' sums.
+#define ATD_Q8_64R2_GROUPS 4
+typedef struct {
+    float   d[ATD_Q8_64R2_GROUPS];
+    int32_t sum[ATD_Q8_64R2_GROUPS];
+    int8_t  qs[QK_ATD_64];
+} block_atd_q8_64r2;
 
 #if defined(ATD_CFFI_CDEF)
 #define ATD_STATIC_ASSERT(cond, msg)  // cffi's parser has no static asserts
@@ -119,7 +132,8 @@ ATD_STATIC_ASSERT(sizeof(block_atd3_64) == ATD_TYPE_SIZE(3, QK_ATD_64), "wrong a
 ATD_STATIC_ASSERT(sizeof(block_atd4_64) == ATD_TYPE_SIZE(4, QK_ATD_64), "wrong atd4_64 block size/padding");
 ATD_STATIC_ASSERT(sizeof(block_atd_q8_64) == 2*ATD_Q8_64_GROUPS*4 + ATD_TRITS_PER_BYTE*16, "wrong atd_q8_64 block size");
 ATD_STATIC_ASSERT(sizeof(block_atd_q8_64mm) == 4*sizeof(int32_t) + QK_ATD_64, "wrong atd_q8_64mm block size");
-ATD_STATIC_ASSERT(ATD_R2_PLANE_BYTES * 4 == QK_ATD && ATD_R2_TYPE_SIZE(2) == 132, "wrong r2 block size");
+ATD_STATIC_ASSERT(ATD_R2_TYPE_SIZE(2, QK_ATD) == 132 && ATD_R2_TYPE_SIZE(3, QK_ATD_64) == 54, "wrong r2 block size");
+ATD_STATIC_ASSERT(sizeof(block_atd_q8_64r2) == 32 + QK_ATD_64, "wrong atd_q8_64r2 block size");
 ATD_STATIC_ASSERT(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K/16*sizeof(int16_t), "wrong q8_K block size");
 
 #ifndef ATD_CFFI_CDEF
@@ -127,6 +141,8 @@ ATD_STATIC_ASSERT(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K/16*sizeof(in
 static inline int atd_q8_64_digit(int e) { return e / ATD_PLANE_BYTES(QK_ATD_64); }
 static inline int atd_q8_64_lane(int e) { return e % ATD_PLANE_BYTES(QK_ATD_64); }
 static inline int atd_q8_64_group(int e) { return atd_q8_64_lane(e) / 4; }
+// scale group of element e (0..63) in block_atd_q8_64r2
+static inline int atd_q8_64r2_group(int e) { return (e % 16) / 4; }
 
 // The 64 family's activation rule, per scale group (atd_q8_64) or per 32 values (the batched kernels):
 // n values: d = max|x| / 127, q = nearest int of x / d (|q| <= 127); returns d, *sum = the sum of q
@@ -152,17 +168,40 @@ static inline float atd_quantize_group(const float * x, int n, int8_t * q, int32
 // The base-3 byte (one fact, used by the codec and the kernels)
 // stored byte of the base-3 value v = sum_k c_k 3^(4-k), 0 <= v < 243
 static inline uint8_t atd_encode_byte(int v) { return (uint8_t)((v * 256 + 242) / 243); }
-// r2: the first block of row r of nr rows that start at a group boundary (row_size: bytes of a row;
-// bsz: of a block), and in *step the bytes from one of its blocks to the next
-static inline const uint8_t * atd_r2_row(const void * base, int64_t nr, int64_t r, size_t row_size, size_t bsz,
-                                         size_t * step) {
-    const uint8_t * p = (const uint8_t *)base;
+// Where one row's blocks are: block b's scales at blk + b * step, its plane i at blk + b * step + poff +
+// i * pstep; r2: planes of 2-bit codes (else base-3 bytes)
+typedef struct {
+    const uint8_t * blk;
+    size_t          step;
+    int             poff, pstep, r2;
+} atd_row_view;
+
+// a row of the file layout
+static inline atd_row_view atd_file_row(const void * row, int planes, int block) {
+    const atd_row_view v = { (const uint8_t *)row, (size_t)ATD_TYPE_SIZE(planes, block), 2 * planes,
+                             ATD_PLANE_BYTES(block), 0 };
+    return v;
+}
+
+// row r of nr rows of the r2 layout that start at a group boundary (row_size: bytes of a row)
+static inline atd_row_view atd_r2_row(const void * base, int64_t nr, int64_t r, size_t row_size, int planes,
+                                      int block) {
+    const size_t    bsz = ATD_R2_TYPE_SIZE(planes, block);
+    const uint8_t * p   = (const uint8_t *)base;
+    atd_row_view    v   = { p + (size_t)r * row_size, bsz, 2 * planes, ATD_R2_PLANE_BYTES(block), 1 };
     if (r < nr / ATD_R2_GROUP * ATD_R2_GROUP) {
-        *step = ATD_R2_GROUP * bsz;
-        return p + (size_t)(r / ATD_R2_GROUP) * ATD_R2_GROUP * row_size + (size_t)(r % ATD_R2_GROUP) * bsz;
+        const uint8_t * g = p + (size_t)(r / ATD_R2_GROUP) * ATD_R2_GROUP * row_size;
+        const int       m = (int)(r % ATD_R2_GROUP);
+        v.step = ATD_R2_GROUP * bsz;
+        if (block == QK_ATD) {
+            v.blk = g + (size_t)m * bsz;
+        } else {
+            v.blk   = g + 2 * planes * m;
+            v.poff  = 2 * planes * (ATD_R2_GROUP - m) + ATD_R2_PLANE_BYTES(block) * m;
+            v.pstep = ATD_R2_GROUP * ATD_R2_PLANE_BYTES(block);
+        }
     }
-    *step = bsz;
-    return p + (size_t)r * row_size;
+    return v;
 }
 
 // code (0..2) of digit k of a stored byte
@@ -216,21 +255,26 @@ void quantize_row_atd_q8_64(const float * x, void * y, int64_t k);
 // the same bytes with SIMD where the CPU has it (ggml-cpu's from_float)
 void atd_quantize_row_q8_64(const float * x, void * y, int64_t k);
 
-// ---- the r2 layout (runtime repacking of the 256 family) ---------------------------------------------
+// ---- the r2 layout (runtime repacking) -----------------------------------------------------------------
 //
-// nrows rows of n weights (n % 256 == 0; file layout, ATD_TYPE_SIZE bytes per block) into the r2 layout
-// (ATD_R2_TYPE_SIZE per block, groups from the first row); returns the bytes written, 0 for an invalid
-// shape or plane count. The kernels below take nr rows of r2 that start at a group boundary and are laid
-// out as atd_repack_r2 writes nr rows (whole groups, then single rows).
-size_t atd_r2_row_size(int planes, int64_t n);
-size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes);
-// atd_gemv on r2 rows: out[r] = atd_vec_dot of the original row r (q8_K activations), bit for bit.
+// nrows rows of n weights (n % block == 0; file layout) into the r2 layout (groups from the first row);
+// returns the bytes written, 0 for an invalid shape, plane count or block. The kernels below take nr rows
+// of r2 that start at a group boundary and are laid out as atd_repack_r2 writes nr rows (whole groups, then
+// single rows).
+size_t atd_r2_row_size(int planes, int block, int64_t n);
+size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block);
+// atd_gemv on r2 rows. B = 256: out[r] = atd_vec_dot of the original row r (q8_K activations), bit for bit.
+// B = 64: against block_atd_q8_64r2 activations (quantize_row_atd_q8_64r2); every path gives the bits of
+// the scalar path, which sums each plane's codes times q exactly in integers per scale group c (less the
+// group's sum of q) and combines in float: acc[c] = fma(isum, alpha * d[c], acc[c]) over blocks, then
+// planes, and out = (acc[0] + acc[1]) + (acc[2] + acc[3]).
 // atd_gemv_r2_path forces a path (ATD_PATH_AUTO: the selected one).
-void atd_gemv_r2(int n, int planes, const void * vx, int nr, const void * vy, float * out);
-void atd_gemv_r2_path(int n, int planes, const void * vx, int nr, const void * vy, float * out, int path);
-// atd_mul_mat on r2 rows (B = 256): the same bits as atd_mul_mat on the original rows
-void atd_mul_mat_r2_path(int n, int planes, const void * vx, int nr, const void * vy, size_t by, int nc, float * dst,
-                         size_t ldd, void * scratch, int path);
+void atd_gemv_r2(int n, int planes, int block, const void * vx, int nr, const void * vy, float * out);
+void atd_gemv_r2_path(int n, int planes, int block, const void * vx, int nr, const void * vy, float * out, int path);
+void quantize_row_atd_q8_64r2(const float * x, void * y, int64_t k);
+// atd_mul_mat on r2 rows: the same bits as atd_mul_mat on the original rows
+void atd_mul_mat_r2_path(int n, int planes, int block, const void * vx, int nr, const void * vy, size_t by, int nc,
+                         float * dst, size_t ldd, void * scratch, int path);
 
 // ---- batched matmul (atd-mm.c): more than one activation row ----------------------------------------
 //

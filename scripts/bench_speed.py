@@ -137,7 +137,7 @@ def build_models(name: str, model_dir: Path, threads: int, stock_extra: list[str
 
 
 def repacked() -> bool:
-    """The patched ggml-cpu keeps ATD1..ATD4 weights in the r2 layout (66/54 of their bytes) unless
+    """The patched ggml-cpu keeps ATD weights in the r2 layout (66/54 or 18/15 of their bytes) unless
     ATD_REPACK=0 (docs/llama-plugin.md)."""
     return os.environ.get("ATD_REPACK", "1").strip() not in ("0", "")
 
@@ -145,14 +145,14 @@ def repacked() -> bool:
 def bytes_per_token(path: Path) -> int:
     """Weight bytes a generated token reads: every tensor but token_embd (one row of it is read), unless
     the output layer is tied to it (then all of token_embd is read by the output matmul); ATD1..ATD4
-    tensors as the runtime holds them (r2: 66 bytes per plane and block instead of 54)."""
+    tensors as the runtime holds them (r2: 2 + block/4 bytes per plane and block instead of 2 + ceil(block/5))."""
     tensors = gguf.GGUFReader(path).tensors
     names = {t.name for t in tensors}
     total = 0
     for t in tensors:
         n_bytes = int(t.n_bytes)
         tid = int(t.tensor_type)
-        if repacked() and gguf_types.is_atd_type_id(tid) and gguf_types.atd_type(tid).block_size == 256:
+        if repacked() and gguf_types.is_atd_type_id(tid):
             at = gguf_types.atd_type(tid)  # r2 block: the scales, then 2 bits per weight (ATD_R2_TYPE_SIZE)
             n_bytes = n_bytes // at.type_size * at.planes * (2 + at.block_size // 4)
         if t.name == "token_embd.weight" and "output.weight" in names:
@@ -270,8 +270,8 @@ def main() -> None:
                     for t in (1, 2))
         + f". **tg128 / ceiling** = tg128 ÷ (best bandwidth ({bw[1]:.1f} / {bw[2]:.1f} GB/s) ÷ the weight "
         "bytes read per token): how close generation runs to the memory limit. "
-        + ("ATD1..ATD4 weights run repacked to the r2 layout (66/54 of their file bytes, counted so in MB read / "
-           "token; docs/llama-plugin.md)." if repacked() else "ATD_REPACK=0: ATD weights run in the file layout."),
+        + ("ATD weights run repacked to the r2 layout (66/54 or 18/15 of their file bytes, counted so in MB "
+           "read / token; docs/llama-plugin.md)." if repacked() else "ATD_REPACK=0: ATD weights run in the file layout."),
         "",
     ]
     for title, files, speed, ratios in sections:

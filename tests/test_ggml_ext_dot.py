@@ -551,49 +551,69 @@ def test_mm_driver_neon_under_qemu(tmp_path, march):
 
 # ------------------------------------------------------------------------------------ r2 layout
 #
-# The runtime layout of the 256 family (atd.h): the patched ggml-cpu repacks ATD1..ATD4 weights into it at
-# load time. Its kernels must give the bits of the file layout's: gemv those of vec_dot, the batched
-# matmul those of atd_mul_mat on the original rows.
+# The runtime layout (atd.h): the patched ggml-cpu repacks ATD weights into it at load time. For the 256
+# family its kernels must give the bits of the file layout's: gemv those of vec_dot, the batched matmul
+# those of atd_mul_mat on the original rows. The 64 family's gemv takes its own activations (a scale per
+# group of 16, natural order): every path gives the bits of its scalar path, held here to numpy.
+
+ATD_Q8_64R2 = np.dtype([("d", "<f4", 4), ("sum", "<i4", 4), ("qs", "i1", 64)])
+R2_GROUP_OF = (np.arange(64) % 16) // 4  # element 16k + 4c + m is in scale group c
+assert ATD_Q8_64R2.itemsize == 96
 
 
-def _r2_numpy(w, planes):
-    """numpy reference of the r2 layout from gguf_types' unpacking: per block the fp16 scales, then per
-    plane 64 bytes, bits 2k, 2k+1 of byte j = code (t + 1) of element 64k + j; rows in groups of four
-    interleaved block by block, the rows after the last whole group single."""
-    nr = w.shape[0]
-    trits, scales = gguf_types.unpack_blocks(w.reshape(-1), f"ATD{planes}")
-    codes = (trits.astype(np.int16) + 1).astype(np.uint8).reshape(-1, planes, 4, 64)  # [block, plane, k, j]
-    packed = (codes[:, :, 0] | codes[:, :, 1] << 2 | codes[:, :, 2] << 4 | codes[:, :, 3] << 6).astype(np.uint8)
-    blocks = np.concatenate([scales.view(np.uint8).reshape(-1, 2 * planes), packed.reshape(-1, 64 * planes)], axis=1)
-    rows = blocks.reshape(nr, -1, blocks.shape[1])  # [row, block, byte]
+def _tname(planes, block):
+    return f"ATD{planes}" + ("" if block == 256 else "_64")
+
+
+def _r2_numpy(w, planes, block):
+    """numpy reference of the r2 layout from gguf_types' unpacking: per block the fp16 scales and per
+    plane block/4 bytes, bits 2k, 2k+1 of byte j = code (t + 1) of element (block/4) k + j; rows in groups
+    of four interleaved block by block (256: whole row blocks; 64: the group's scales row by row, then
+    each plane's bytes row by row), the rows after the last whole group single."""
+    nr, q = w.shape[0], block // 4
+    trits, scales = gguf_types.unpack_blocks(w.reshape(-1), _tname(planes, block))
+    codes = (trits.astype(np.int16) + 1).astype(np.uint8).reshape(nr, -1, planes, 4, q)  # [row, block, plane, k, j]
+    packed = (codes[..., 0, :] | codes[..., 1, :] << 2 | codes[..., 2, :] << 4 | codes[..., 3, :] << 6).astype(np.uint8)
+    nb = packed.shape[1]
+    sc = scales.view(np.uint8).reshape(nr, nb, 2 * planes)
+    rows = np.concatenate([sc, packed.reshape(nr, nb, planes * q)], axis=2)  # [row, block, byte]
     g = nr // 4 * 4
-    grouped = rows[:g].reshape(-1, 4, rows.shape[1], rows.shape[2]).transpose(0, 2, 1, 3)  # [group, block, row, byte]
+    if block == 256:
+        grouped = rows[:g].reshape(-1, 4, nb, rows.shape[2]).transpose(0, 2, 1, 3)  # [group, block, row, byte]
+    else:
+        gsc = sc[:g].reshape(-1, 4, nb, 2 * planes).transpose(0, 2, 1, 3).reshape(-1, nb, 8 * planes)
+        gpk = packed[:g].reshape(-1, 4, nb, planes, q).transpose(0, 2, 3, 1, 4).reshape(-1, nb, 4 * planes * q)
+        grouped = np.concatenate([gsc, gpk], axis=2)  # [group, block, scales | plane, row, byte]
     return np.concatenate([grouped.reshape(-1), rows[g:].reshape(-1)]).reshape(nr, -1)
 
 
-def _repack(lib, ffi, w, planes):
-    nr, n = w.shape[0], w.shape[1] // (planes * 54) * 256
-    out = np.zeros((nr, n // 256 * planes * 66), dtype=np.uint8)
-    got = lib.atd_repack_r2(ffi.from_buffer(w), ffi.from_buffer(out), nr, n, planes)
-    assert got == out.size and lib.atd_r2_row_size(planes, n) == out.shape[1]
+def _repack(lib, ffi, w, planes, block=256):
+    t = gguf_types.atd_type(_tname(planes, block))
+    nr, n = w.shape[0], w.shape[1] // t.type_size * block
+    out = np.zeros((nr, n // block * planes * (2 + block // 4)), dtype=np.uint8)
+    got = lib.atd_repack_r2(ffi.from_buffer(w), ffi.from_buffer(out), nr, n, planes, block)
+    assert got == out.size and lib.atd_r2_row_size(planes, block, n) == out.shape[1]
     return out
 
 
-@pytest.mark.parametrize("planes", [1, 2, 3, 4])
-def test_repack_r2_matches_numpy(atd, planes):
+@pytest.mark.parametrize("planes,block", TYPES)
+def test_repack_r2_matches_numpy(atd, planes, block):
     lib, ffi, _, _ = atd
-    rng = np.random.default_rng(700 + planes)
+    rng = np.random.default_rng(700 + planes + block)
     for kind, nr in (("random", 3), ("sparse", 8), ("extreme", 11)):
-        w = np.stack([_random_row(rng, planes, 256, 768, kind) for _ in range(nr)])
-        assert np.array_equal(_repack(lib, ffi, w, planes), _r2_numpy(w, planes)), kind
+        w = np.stack([_random_row(rng, planes, block, 3 * block, kind) for _ in range(nr)])
+        assert np.array_equal(_repack(lib, ffi, w, planes, block), _r2_numpy(w, planes, block)), kind
 
 
 def test_repack_r2_rejects_bad_shapes(atd):
     lib, ffi, _, _ = atd
     buf = ffi.new("char[]", 4096)
-    assert lib.atd_repack_r2(buf, buf, 1, 320, 2) == 0  # not a multiple of 256
-    assert lib.atd_repack_r2(buf, buf, 1, 256, 5) == 0  # no such plane count
-    assert lib.atd_r2_row_size(0, 256) == 0 and lib.atd_r2_row_size(2, 256) == 132
+    assert lib.atd_repack_r2(buf, buf, 1, 320, 2, 256) == 0  # not a multiple of 256
+    assert lib.atd_repack_r2(buf, buf, 1, 96, 2, 64) == 0  # not a multiple of 64
+    assert lib.atd_repack_r2(buf, buf, 1, 256, 5, 256) == 0  # no such plane count
+    assert lib.atd_repack_r2(buf, buf, 1, 256, 2, 128) == 0  # no such block
+    assert lib.atd_r2_row_size(0, 256, 256) == 0 and lib.atd_r2_row_size(2, 256, 256) == 132
+    assert lib.atd_r2_row_size(3, 64, 576) == 9 * 54
 
 
 @pytest.mark.parametrize("planes", [1, 2, 3, 4])
@@ -611,50 +631,112 @@ def test_gemv_r2_equals_vec_dot(atd, planes):
         for p, v in _runnable(lib, lib2):
             lib2.atd_dot_set_variant(p, v)
             out = np.full(nr + 1, -7.25, dtype=np.float32)
-            lib.atd_gemv_r2_path(n, planes, ffi.from_buffer(r2), nr, y, ffi.cast("float *", ffi.from_buffer(out)), p)
+            lib.atd_gemv_r2_path(n, planes, 256, ffi.from_buffer(r2), nr, y, ffi.cast("float *", ffi.from_buffer(out)), p)
             lib2.atd_dot_set_variant(p, 0)
             assert out[nr] == np.float32(-7.25), "wrote outside the output"
             assert np.array_equal(out[:nr].view(np.uint32), ref.view(np.uint32)), (planes, nr, PATH_NAMES[p], v)
 
 
+def _q8_64r2(lib, ffi, x):
+    """the 64 family's r2 activations of x (checked against numpy's reading of the rule) and their
+    float64 values"""
+    n = x.size
+    y = ffi.new("block_atd_q8_64r2[]", n // 64)
+    lib.quantize_row_atd_q8_64r2(ffi.cast("const float *", ffi.from_buffer(x)), y, n)
+    arr = np.frombuffer(ffi.buffer(y), dtype=ATD_Q8_64R2)
+    groups = x.reshape(-1, 4, 4, 4).transpose(0, 2, 1, 3).reshape(-1, 4, 16)  # [block, c, (k, m)]
+    d_ref, q_ref = _quantize_groups_ref(groups)
+    assert np.array_equal(arr["d"], d_ref)
+    assert np.array_equal(arr["qs"], q_ref.reshape(-1, 4, 4, 4).transpose(0, 2, 1, 3).reshape(-1, 64))
+    assert np.array_equal(arr["sum"], q_ref.astype(np.int64).sum(-1))
+    return y, (arr["d"].astype(np.float64)[:, R2_GROUP_OF] * arr["qs"]).reshape(-1)
+
+
+def _r2_64_lanes_ref(w, planes, act_y):
+    """numpy transcription of atd.h's float combination of the 64 family's r2 gemv (float32; exact integer
+    sums of code times q per plane and scale group, less the group's sum of q)"""
+    arr = np.frombuffer(act_y, dtype=ATD_Q8_64R2)
+    trits, scales = gguf_types.unpack_blocks(w.reshape(-1), _tname(planes, 64))
+    nr = w.shape[0]
+    c = trits.astype(np.int64).reshape(nr, -1, planes, 4, 4, 4) + 1  # codes [row, block, plane, k, group, m]
+    q = arr["qs"].astype(np.int64).reshape(1, -1, 1, 4, 4, 4)
+    isum = (c * q).sum(axis=(3, 5)) - arr["sum"].astype(np.int64)[None, :, None, :]  # [row, block, plane, group]
+    ad = (scales.astype(np.float32).reshape(nr, -1, planes)[..., None] * arr["d"].astype(np.float32)[None, :, None, :])
+    acc = np.zeros((nr, 4), dtype=np.float32)
+    for b in range(isum.shape[1]):
+        for i in range(planes):  # fma: one rounding of an exact float64 product-sum
+            acc = (acc.astype(np.float64) + isum[:, b, i].astype(np.float64) * ad[:, b, i]).astype(np.float32)
+    return (acc[:, 0] + acc[:, 1]) + (acc[:, 2] + acc[:, 3])
+
+
 @pytest.mark.parametrize("planes", [1, 2, 3, 4])
-def test_mul_mat_r2_equals_mul_mat(atd, planes):
+def test_gemv_r2_64_paths_equal_numpy(atd, planes):
+    """The 64 family's r2 gemv: every path and variant gives the bits of the numpy transcription of atd.h's
+    definition (row counts around the 4-row step, tails on the scalar reference), which is within float
+    rounding of the float64 dot of the dequantized weights and the activations."""
+    lib, ffi, lib2, _ = atd
+    rng = np.random.default_rng(820 + planes)
+    for (nr, nblocks), kind in zip(((1, 9), (4, 3), (7, 9), (13, 17), (8, 1)), ("random", "sparse", "extreme", "random", "random")):
+        n = nblocks * 64
+        w = np.stack([_random_row(rng, planes, 64, n, kind) for _ in range(nr)])
+        r2 = _repack(lib, ffi, w, planes, 64)
+        x = (rng.standard_normal(n) * np.exp(rng.standard_normal() * 2)).astype(np.float32)
+        y, act = _q8_64r2(lib, ffi, x)
+        ref = _r2_64_lanes_ref(w, planes, ffi.buffer(y))
+        wf = np.stack([gguf_types.dequantize(w[r], _tname(planes, 64)).astype(np.float64).reshape(-1) for r in range(nr)])
+        exact = wf @ act
+        assert np.all(np.abs(ref - exact) <= 1e-5 * (np.abs(wf) @ np.abs(act)) + 1e-30), (planes, nr)
+        for p, v in _runnable(lib, lib2):
+            lib2.atd_dot_set_variant(p, v)
+            out = np.full(nr + 1, -7.25, dtype=np.float32)
+            lib.atd_gemv_r2_path(n, planes, 64, ffi.from_buffer(r2), nr, y, ffi.cast("float *", ffi.from_buffer(out)), p)
+            lib2.atd_dot_set_variant(p, 0)
+            assert out[nr] == np.float32(-7.25), "wrote outside the output"
+            assert np.array_equal(out[:nr].view(np.uint32), ref.view(np.uint32)), (planes, nr, PATH_NAMES[p], v)
+
+
+@pytest.mark.parametrize("planes,block", TYPES)
+def test_mul_mat_r2_equals_mul_mat(atd, planes, block):
     """The batched matmul on repacked rows gives the bits of atd_mul_mat on the original rows (which the
     tests above hold to the Python reference), every path and variant, odd batch sizes."""
     lib, ffi, lib2, _ = atd
-    rng = np.random.default_rng(900 + planes)
-    for nblocks, nr, nc in ((3, 5, 3), (5, 33, 7), (1, 1, 2)):
-        n = nblocks * 256
-        w = np.stack([_random_row(rng, planes, 256, n) for _ in range(nr)])
-        r2 = _repack(lib, ffi, w, planes)
-        ybuf, by, _, _, _ = _mm_activations(lib, ffi, rng, 256, n, nc)
-        ref = _mm(lib, ffi, n, planes, 256, w, nr, ybuf, by, nc, PATH_SCALAR)
+    rng = np.random.default_rng(900 + planes + block)
+    for nblocks, nr, nc in ((3, 5, 3), (5, 33, 7), (1, 1, 2), (9, 12, 2)):
+        n = nblocks * block
+        w = np.stack([_random_row(rng, planes, block, n) for _ in range(nr)])
+        r2 = _repack(lib, ffi, w, planes, block)
+        ybuf, by, _, _, _ = _mm_activations(lib, ffi, rng, block, n, nc)
+        ref = _mm(lib, ffi, n, planes, block, w, nr, ybuf, by, nc, PATH_SCALAR)
         scratch = ffi.new("char[]", lib.atd_mul_mat_scratch_size())
         for p, v in _runnable(lib, lib2):
             lib2.atd_dot_set_variant(p, v)
             out = np.full((nc, nr + 3), -7.25, dtype=np.float32)
-            lib.atd_mul_mat_r2_path(n, planes, ffi.from_buffer(r2), nr, ybuf, by, nc,
+            lib.atd_mul_mat_r2_path(n, planes, block, ffi.from_buffer(r2), nr, ybuf, by, nc,
                                     ffi.cast("float *", ffi.from_buffer(out)), nr + 3, scratch, p)
             lib2.atd_dot_set_variant(p, 0)
             assert (out[:, nr:] == np.float32(-7.25)).all(), "wrote outside the output"
             assert np.array_equal(out[:, :nr].view(np.uint32), ref.view(np.uint32)), (planes, nr, nc, PATH_NAMES[p], v)
 
 
-def test_gemv_r2_simd_paths_are_faster_than_scalar(atd):
+@pytest.mark.parametrize("block", [256, 64])
+def test_gemv_r2_simd_paths_are_faster_than_scalar(atd, block):
     lib, ffi, _, _ = atd
     simd = [p for p in (PATH_AVX2, PATH_AVX512) if lib.atd_path_available(p)]
     if not simd:
         pytest.skip("no x86 SIMD path")
     rng = np.random.default_rng(11)
-    n, nr, planes = 4096, 16, 2
-    w = np.stack([_random_row(rng, planes, 256, n) for _ in range(nr)])
-    r2 = _repack(lib, ffi, w, planes)
-    y, _, _ = _activations(lib, ffi, rng, 256, n)
+    n, nr, planes = (4096 if block == 256 else 4032), 16, 2
+    w = np.stack([_random_row(rng, planes, block, n) for _ in range(nr)])
+    r2 = _repack(lib, ffi, w, planes, block)
+    if block == 256:
+        y, _, _ = _activations(lib, ffi, rng, 256, n)
+    else:
+        y, _ = _q8_64r2(lib, ffi, rng.standard_normal(n).astype(np.float32))
     out = np.empty(nr, dtype=np.float32)
     op, rp = ffi.cast("float *", ffi.from_buffer(out)), ffi.from_buffer(r2)
 
     def best_time(path):
-        return _best_time(lambda: lib.atd_gemv_r2_path(n, planes, rp, nr, y, op, path), 20, 9)
+        return _best_time(lambda: lib.atd_gemv_r2_path(n, planes, block, rp, nr, y, op, path), 20, 9)
 
     t_scalar = best_time(PATH_SCALAR)
     for p in simd:

@@ -4,7 +4,8 @@
 //   - scalar path == double-precision dot of the decoded weights and activations, within tolerance;
 //   - the ggml-style wrappers == atd_vec_dot;
 //   - atd_gemv (several rows, one activation row) == atd_vec_dot row by row, on every path and variant;
-//     so does atd_gemv_r2 on the rows repacked by atd_repack_r2 (256 family).
+//     so does atd_gemv_r2 on the rows repacked by atd_repack_r2 (256 family); for the 64 family (its own
+//     activations) every path of atd_gemv_r2 == its scalar path, which == the double-precision dot.
 // Prints "N passed, M failed"; exit status 1 if anything failed.
 //
 //   gcc -std=c11 -O1 -g -fsanitize=address,undefined -Iggml-ext ggml-ext/*.c ggml-ext/tests/atd_dot_test.c -lm
@@ -219,10 +220,30 @@ static void test_gemv(int N, int B, int n, int nr) {
         rows[r] = make_row(N, B, n, r % 4 == 3 ? 2 : 0);
         memcpy(x + r * bx, rows[r].x, bx);
     }
-    uint8_t * r2 = NULL;
-    if (B == QK_ATD) {
-        r2 = malloc(atd_r2_row_size(N, n) * nr);
-        CHECK(atd_repack_r2(x, r2, nr, n, N) == atd_r2_row_size(N, n) * nr, "repack_r2 N=%d n=%d nr=%d", N, n, nr);
+    uint8_t * r2 = malloc(atd_r2_row_size(N, B, n) * nr);
+    CHECK(atd_repack_r2(x, r2, nr, n, N, B) == atd_r2_row_size(N, B, n) * nr, "repack_r2 N=%d B=%d n=%d nr=%d", N, B, n, nr);
+    // the 64 family's r2 activations, and its r2 gemv on the scalar path against the double-precision dot
+    block_atd_q8_64r2 * y64 = NULL;
+    float               ref64[16];
+    if (B == QK_ATD_64) {
+        float * f = malloc(sizeof(float) * n);
+        for (int e = 0; e < n; ++e) f[e] = (float)rng_gauss();
+        y64 = malloc(sizeof(block_atd_q8_64r2) * (n / QK_ATD_64));
+        quantize_row_atd_q8_64r2(f, y64, n);
+        free(f);
+        atd_gemv_r2_path(n, N, B, r2, nr, y64, ref64, ATD_PATH_SCALAR);
+        int close = 1;
+        for (int r = 0; r < nr; ++r) {
+            double exact = 0.0, mag = 0.0;
+            for (int e = 0; e < n; ++e) {
+                const int    j = e % QK_ATD_64;  // scale group (j % 16) / 4 by this test's own formula
+                const double a = (double)y64[e / QK_ATD_64].d[(j % 16) / 4] * y64[e / QK_ATD_64].qs[j];
+                exact += rows[r].w[e] * a;
+                mag += fabs(rows[r].w[e] * a);
+            }
+            close &= fabs((double)ref64[r] - exact) <= 1e-5 * mag + 1e-30;
+        }
+        CHECK(close, "gemv_r2 scalar N=%d n=%d nr=%d != the double-precision dot", N, n, nr);
     }
     const void * y = rows[0].y;  // one activation row for all
     for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p) {
@@ -238,9 +259,13 @@ static void test_gemv(int N, int B, int n, int nr) {
                 same &= memcmp(&ref, &out[r], sizeof ref) == 0;
             }
             CHECK(same, "gemv N=%d B=%d n=%d nr=%d path %s.%d != vec_dot row by row", N, B, n, nr, path_name(p), v);
-            if (B == QK_ATD && r2) {
+            if (B == QK_ATD_64) {
+                atd_gemv_r2_path(n, N, B, r2, nr, y64, out, p);
+                CHECK(memcmp(out, ref64, sizeof(float) * nr) == 0, "gemv_r2 N=%d B=64 n=%d nr=%d path %s.%d != scalar",
+                      N, n, nr, path_name(p), v);
+            } else {
                 // the r2 layout (exact-size buffer: ASan sees any read past it)
-                atd_gemv_r2_path(n, N, r2, nr, y, out, p);
+                atd_gemv_r2_path(n, N, B, r2, nr, y, out, p);
                 same = 1;
                 for (int r = 0; r < nr; ++r) {
                     atd_vec_dot_path(n, &ref, x + r * bx, y, N, B, ATD_PATH_SCALAR);
@@ -255,6 +280,7 @@ static void test_gemv(int N, int B, int n, int nr) {
     for (int r = 0; r < nr; ++r) free_row(&rows[r]);
     free(x);
     free(r2);
+    free(y64);
 }
 
 static void test_quantizers(void) {

@@ -313,20 +313,20 @@ static void test_case(int N, int B, int n, int nr, int nc, int kind, void * scra
     CHECK(memcmp(autop, ref, sizeof(float) * ldd * nc) == 0, "N=%d B=%d: auto path != scalar", N, B);
     free(autop);
 
-    // the r2 layout (256 family; an exact-size buffer): every path == the file layout's scalar result
-    if (B == QK_ATD) {
-        const size_t rsz = atd_r2_row_size(N, n);
+    // the r2 layout (an exact-size buffer): every path == the file layout's scalar result
+    {
+        const size_t rsz = atd_r2_row_size(N, B, n);
         uint8_t *    r2  = malloc(rsz * nr);
-        CHECK(atd_repack_r2(t.x, r2, nr, n, N) == rsz * nr, "N=%d n=%d nr=%d: repack_r2", N, n, nr);
+        CHECK(atd_repack_r2(t.x, r2, nr, n, N, B) == rsz * nr, "N=%d B=%d n=%d nr=%d: repack_r2", N, B, n, nr);
         for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p) {
             if (!atd_path_available(p)) continue;
             for (int v = 1; v <= MAX_VARIANTS; ++v) {
                 if (!atd_dot_set_variant(p, v)) continue;
                 float * got = malloc(sizeof(float) * ldd * nc);
                 for (size_t i = 0; i < ldd * nc; ++i) got[i] = -7.25f;
-                atd_mul_mat_r2_path(n, N, r2, nr, t.yk, t.by, nc, got, ldd, scratch, p);
-                CHECK(memcmp(got, ref, sizeof(float) * ldd * nc) == 0, "N=%d n=%d nr=%d nc=%d: r2 path %s.%d != scalar",
-                      N, n, nr, nc, path_name(p), v);
+                atd_mul_mat_r2_path(n, N, B, r2, nr, t.yk, t.by, nc, got, ldd, scratch, p);
+                CHECK(memcmp(got, ref, sizeof(float) * ldd * nc) == 0, "N=%d B=%d n=%d nr=%d nc=%d: r2 path %s.%d != scalar",
+                      N, B, n, nr, nc, path_name(p), v);
                 free(got);
             }
             atd_dot_set_variant(p, 0);
