@@ -311,13 +311,36 @@ ATD_TARGET_AVX2 ATD_INLINE __m256i atd_mm_lookup_avx2(__m256i idx, const __m256i
     return r;
 }
 
+// the codes (0..2) of one base-3 plane in natural order: codes[e] for e < block, garbage up to QK_ATD + 64
+// (digit k of byte j at S k + j; the stores overlap in order). Reads 16 bytes of a 13-byte plane (B = 64).
+ATD_TARGET_AVX2 ATD_INLINE void atd_mm_codes_avx2(const uint8_t * p, int block, uint8_t * codes) {
+    const __m256i hi = _mm256_set1_epi16((short)0xff00);
+    const int     S  = ATD_PLANE_BYTES(block);
+    if (block == QK_ATD) {
+        const __m256i A = _mm256_loadu_si256((const __m256i *)p);
+        const __m256i B = _mm256_loadu_si256((const __m256i *)(p + 20));
+        __m256i ea = _mm256_slli_epi16(A, 8), oa = _mm256_and_si256(A, hi);
+        __m256i eb = _mm256_slli_epi16(B, 8), ob = _mm256_and_si256(B, hi);
+        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+            _mm256_storeu_si256((__m256i *)(codes + S * k), atd_mm_digit256(ea, oa));
+            _mm256_storeu_si256((__m256i *)(codes + S * k + 20), atd_mm_digit256(eb, ob));
+            ea = atd_mm_t3(ea); oa = atd_mm_t3(oa); eb = atd_mm_t3(eb); ob = atd_mm_t3(ob);
+        }
+    } else {
+        const __m256i V = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p));
+        __m256i ev = _mm256_slli_epi16(V, 8), od = _mm256_and_si256(V, hi);
+        for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
+            _mm_storeu_si128((__m128i *)(codes + S * k), _mm256_castsi256_si128(atd_mm_digit256(ev, od)));
+            ev = atd_mm_t3(ev); od = atd_mm_t3(od);
+        }
+    }
+}
+
 // blocks [b0, b0 + nblk) of one row into natural order (the same bytes as atd_mm_decode_ref)
 ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const atd_row_view * v, int planes, int block, int b0, int nblk,
                                                 uint8_t * u, float * s, int last_block) {
     const size_t bsz = ATD_TYPE_SIZE(planes, block);
-    const int    S   = ATD_PLANE_BYTES(block);
     const int    n16 = (atd_mm_ncombos(planes) + 15) / 16;
-    const __m256i hi = _mm256_set1_epi16((short)0xff00);
     ATD_ALIGN64 uint8_t codes[ATD_MAX_PLANES][QK_ATD + 64];
     ATD_ALIGN64 uint8_t lt[ATD_MM_COMBOS] = { 0 };  // entries past 3^N are never looked up
     uint8_t             pad[ATD_TYPE_SIZE(ATD_MAX_PLANES, QK_ATD_64) + 16];
@@ -336,7 +359,7 @@ ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const atd_row_view * v, int plane
         for (int t = 0; t < n16; ++t) {
             ltv[t] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(lt + 16 * t)));
         }
-        // codes of every plane in natural order (digit k of byte j at S k + j; stores overlap in order)
+        // codes of every plane in natural order
         for (int i = 0; i < planes; ++i) {
             const uint8_t * p = blk + v->poff + i * v->pstep;
             if (v->r2) {  // bits 2k, 2k+1 of byte j: element (B/4) k + j
@@ -358,24 +381,7 @@ ATD_TARGET_AVX2 static void atd_mm_decode_avx2(const atd_row_view * v, int plane
                 }
                 continue;
             }
-            if (block == QK_ATD) {
-                const __m256i A = _mm256_loadu_si256((const __m256i *)p);
-                const __m256i B = _mm256_loadu_si256((const __m256i *)(p + 20));
-                __m256i ea = _mm256_slli_epi16(A, 8), oa = _mm256_and_si256(A, hi);
-                __m256i eb = _mm256_slli_epi16(B, 8), ob = _mm256_and_si256(B, hi);
-                for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
-                    _mm256_storeu_si256((__m256i *)(codes[i] + S * k), atd_mm_digit256(ea, oa));
-                    _mm256_storeu_si256((__m256i *)(codes[i] + S * k + 20), atd_mm_digit256(eb, ob));
-                    ea = atd_mm_t3(ea); oa = atd_mm_t3(oa); eb = atd_mm_t3(eb); ob = atd_mm_t3(ob);
-                }
-            } else {
-                const __m256i V = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p));
-                __m256i ev = _mm256_slli_epi16(V, 8), od = _mm256_and_si256(V, hi);
-                for (int k = 0; k < ATD_TRITS_PER_BYTE; ++k) {
-                    _mm_storeu_si128((__m128i *)(codes[i] + S * k), _mm256_castsi256_si128(atd_mm_digit256(ev, od)));
-                    ev = atd_mm_t3(ev); od = atd_mm_t3(od);
-                }
-            }
+            atd_mm_codes_avx2(p, block, codes[i]);
         }
         // combos, then levels
         for (int e = 0; e < block; e += 32) {
@@ -994,6 +1000,67 @@ static void atd_mul_mat_impl(int n, int planes, int block, const void * vx, size
             }
         }
     }
+}
+
+// ---- the r2 repack (atd.h; the scalar reference atd_repack_r2_ref is in atd-quants.c) ---------------------
+#if defined(ATD_HAVE_AVX2)
+// each plane's base-3 bytes decoded as the batched decoder does, then packed four codes a byte
+ATD_TARGET_AVX2 static void atd_repack_r2_avx2(const uint8_t * x, void * dst, int64_t nrows, int64_t n, int planes,
+                                                int block, size_t rsz) {
+    const int           S   = ATD_PLANE_BYTES(block);
+    const size_t        bsz = ATD_TYPE_SIZE(planes, block);
+    ATD_ALIGN64 uint8_t codes[QK_ATD + 64];
+    uint8_t             pad[ATD_TYPE_SIZE(ATD_MAX_PLANES, QK_ATD_64) + 16] = { 0 };
+    for (int64_t r = 0; r < nrows; ++r) {
+        const atd_row_view v = atd_r2_row(dst, nrows, r, rsz, planes, block);
+        for (int64_t b = 0; b < n / block; ++b, x += bsz) {
+            const uint8_t * blk = x;
+            if (block == QK_ATD_64) {  // the 16-byte loads of a 13-byte plane: a padded copy
+                memcpy(pad, x, bsz);
+                blk = pad;
+            }
+            uint8_t * y = (uint8_t *)v.blk + (size_t)b * v.step;
+            memcpy(y, blk, 2 * (size_t)planes);
+            for (int i = 0; i < planes; ++i) {
+                atd_mm_codes_avx2(blk + 2 * planes + i * S, block, codes);
+                uint8_t * out = y + v.poff + i * v.pstep;
+                if (block == QK_ATD) {  // codes 0..2: no bit crosses into the next byte
+                    for (int h = 0; h < 2; ++h) {
+                        __m256i c = _mm256_load_si256((const __m256i *)(codes + 32 * h));
+                        for (int k = 1; k < 4; ++k) {
+                            const __m256i ck = _mm256_load_si256((const __m256i *)(codes + 64 * k + 32 * h));
+                            c = _mm256_or_si256(c, _mm256_slli_epi16(ck, 2 * k));
+                        }
+                        _mm256_storeu_si256((__m256i *)(out + 32 * h), c);
+                    }
+                } else {
+                    __m128i c = _mm_load_si128((const __m128i *)codes);
+                    for (int k = 1; k < 4; ++k) {
+                        c = _mm_or_si128(c, _mm_slli_epi16(_mm_load_si128((const __m128i *)(codes + 16 * k)), 2 * k));
+                    }
+                    _mm_storeu_si128((__m128i *)out, c);
+                }
+            }
+        }
+    }
+}
+#endif
+
+size_t atd_repack_r2_path(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block, int path) {
+    const size_t rsz = atd_r2_row_size(planes, block, n);
+    if (rsz == 0 || nrows < 0) return 0;
+    if (path == ATD_PATH_AUTO || !atd_path_available(path)) path = atd_selected_path();
+#if defined(ATD_HAVE_AVX2)
+    if (path == ATD_PATH_AVX2 || path == ATD_PATH_AVX512) {
+        atd_repack_r2_avx2((const uint8_t *)src, dst, nrows, n, planes, block, rsz);
+        return (size_t)nrows * rsz;
+    }
+#endif
+    return atd_repack_r2_ref(src, dst, nrows, n, planes, block);
+}
+
+size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block) {
+    return atd_repack_r2_path(src, dst, nrows, n, planes, block, ATD_PATH_AUTO);
 }
 
 void atd_mul_mat_path(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, size_t by,

@@ -949,7 +949,8 @@ size_t atd_r2_row_size(int planes, int block, int64_t n) {
     return (size_t)(n / block) * ATD_R2_TYPE_SIZE(planes, block);
 }
 
-size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block) {
+// the scalar reference of atd_repack_r2 (atd-mm.c has the SIMD path: ggml-base has no SIMD flags)
+size_t atd_repack_r2_ref(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block) {
     const size_t rsz = atd_r2_row_size(planes, block, n);
     if (rsz == 0 || nrows < 0) return 0;
     const int       S = ATD_PLANE_BYTES(block), S2 = ATD_R2_PLANE_BYTES(block);

@@ -263,6 +263,9 @@ void atd_quantize_row_q8_64(const float * x, void * y, int64_t k);
 // single rows).
 size_t atd_r2_row_size(int planes, int block, int64_t n);
 size_t atd_repack_r2(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block);
+// the same bytes on a given path (SIMD decoding of the base-3 bytes), and the scalar reference
+size_t atd_repack_r2_path(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block, int path);
+size_t atd_repack_r2_ref(const void * src, void * dst, int64_t nrows, int64_t n, int planes, int block);
 // atd_gemv on r2 rows. B = 256: out[r] = atd_vec_dot of the original row r (q8_K activations), bit for bit.
 // B = 64: against block_atd_q8_64r2 activations (quantize_row_atd_q8_64r2); every path gives the bits of
 // the scalar path, which sums each plane's codes times q exactly in integers per scale group c (less the

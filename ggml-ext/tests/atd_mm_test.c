@@ -317,6 +317,15 @@ static void test_case(int N, int B, int n, int nr, int nc, int kind, void * scra
     {
         const size_t rsz = atd_r2_row_size(N, B, n);
         uint8_t *    r2  = malloc(rsz * nr);
+        uint8_t *    r2r = malloc(rsz * nr);  // the scalar reference's bytes; every path writes the same
+        CHECK(atd_repack_r2_ref(t.x, r2r, nr, n, N, B) == rsz * nr, "N=%d B=%d n=%d nr=%d: repack_r2_ref", N, B, n, nr);
+        for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p) {
+            if (!atd_path_available(p)) continue;
+            memset(r2, 0xA5, rsz * nr);
+            CHECK(atd_repack_r2_path(t.x, r2, nr, n, N, B, p) == rsz * nr && memcmp(r2, r2r, rsz * nr) == 0,
+                  "N=%d B=%d n=%d nr=%d: repack_r2 path %s != the reference", N, B, n, nr, path_name(p));
+        }
+        free(r2r);
         CHECK(atd_repack_r2(t.x, r2, nr, n, N, B) == rsz * nr, "N=%d B=%d n=%d nr=%d: repack_r2", N, B, n, nr);
         for (int p = ATD_PATH_SCALAR; p <= ATD_PATH_NEON; ++p) {
             if (!atd_path_available(p)) continue;
