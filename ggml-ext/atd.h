@@ -141,8 +141,6 @@ ATD_STATIC_ASSERT(sizeof(block_q8_K) == sizeof(float) + QK_K + QK_K/16*sizeof(in
 static inline int atd_q8_64_digit(int e) { return e / ATD_PLANE_BYTES(QK_ATD_64); }
 static inline int atd_q8_64_lane(int e) { return e % ATD_PLANE_BYTES(QK_ATD_64); }
 static inline int atd_q8_64_group(int e) { return atd_q8_64_lane(e) / 4; }
-// scale group of element e (0..63) in block_atd_q8_64r2
-static inline int atd_q8_64r2_group(int e) { return (e % 16) / 4; }
 
 // The 64 family's activation rule, per scale group (atd_q8_64) or per 32 values (the batched kernels):
 // n values: d = max|x| / 127, q = nearest int of x / d (|q| <= 127); returns d, *sum = the sum of q
