@@ -1435,6 +1435,7 @@ static int atd_cpu_has_raw(const char * feature) {
 #if !defined(ATD_HAVE_AVX512GFNI)
     if (strcmp(feature, "gfni") == 0) return 0;
 #endif
+    (void)feature;
     return 1;
 #endif
 }
@@ -1582,38 +1583,87 @@ void atd_set_path(int path) {
 
 // the kernel of a path and its variant (forced, else the best)
 typedef void (*atd_dot_fn)(int n, float * s, const void * vx, const void * vy, int planes, int block);
+typedef void (*atd_gemv256_fn)(int n, const uint8_t * x, size_t bx, const block_q8_K * y, float * out, int planes);
+typedef void (*atd_gemv64_fn)(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y, float * out,
+                              int planes);
+typedef void (*atd_dot_r2_fn)(int n, float * s, const uint8_t * x, size_t step, const block_q8_K * y, int planes);
+typedef void (*atd_gemv_r2_fn)(int n, const uint8_t * x, const block_q8_K * y, float * out, int planes);
+typedef void (*atd_gemv_r2_64_fn)(int n, const uint8_t * x, const block_atd_q8_64r2 * y, float * out, int planes);
 
-static atd_dot_fn atd_dot_resolve(int path) {
-    const int v = atd_dot_variant_of(path);
-    (void)v;
-    switch (path) {
-#if defined(ATD_HAVE_AVX512)
-        case ATD_PATH_AVX512:
-#if defined(ATD_HAVE_AVX512GFNI)
-            if (v == 3) return atd_vec_dot_avx512_gfni;
-#endif
-#if defined(ATD_HAVE_AVX512VBMI)
-            if (v == 2) return atd_vec_dot_avx512_lut;
-#endif
-            return atd_vec_dot_avx512_mul;
-#endif
+// The kernels of one (path, variant): a trait table, as ggml's type_traits. NULL: no multi-row kernel
+// there (the dispatchers go row by row).
+typedef struct {
+    atd_dot_fn        vec_dot;    // one row, file layout
+    atd_gemv256_fn    gemv256;    // gemv64_rows rows, file layout, 256 family
+    atd_gemv64_fn     gemv64;     // gemv64_rows rows, file layout, 64 family
+    int               gemv64_rows;
+    atd_dot_r2_fn     r2_one;     // one r2 row, 256 family (single tail rows)
+    atd_gemv_r2_fn    r2_256;     // one r2 group, 256 family
+    atd_gemv_r2_64_fn r2_64;      // one r2 group, 64 family (single tail rows: atd_dot_r2_64_scalar)
+} atd_path_kernels;
+
+#define ATD_KERNELS_SCALAR { atd_vec_dot_scalar, NULL, NULL, 0, atd_vec_dot_r2_scalar, NULL, NULL }
 #if defined(ATD_HAVE_AVX2)
-        case ATD_PATH_AVX2:
+#define ATD_KERNELS_AVX2_MAD { atd_vec_dot_avx2_mad, NULL, atd_gemv64_avx2_mad, 2, atd_dot_r2_avx2_mad, NULL, \
+                               atd_gemv_r2_64_avx2_mad }
 #if defined(ATD_HAVE_AVXVNNI)
-            if (v == 2) return atd_vec_dot_avx2_vnni;
+#define ATD_KERNELS_AVX2_VNNI { atd_vec_dot_avx2_vnni, NULL, atd_gemv64_avx2_vnni, 2, atd_dot_r2_avx2_vnni, NULL, \
+                                atd_gemv_r2_64_avx2_vnni }
+#else
+#define ATD_KERNELS_AVX2_VNNI ATD_KERNELS_AVX2_MAD
 #endif
 #if defined(ATD_HAVE_AVX512)
-            if (v == 3) return atd_vec_dot_avx2_evex;
+#define ATD_KERNELS_AVX2_EVEX { atd_vec_dot_avx2_evex, NULL, atd_gemv64_avx2_evex, 2, atd_dot_r2_avx2_evex, NULL, \
+                                atd_gemv_r2_64_avx2_evex }
+#else
+#define ATD_KERNELS_AVX2_EVEX ATD_KERNELS_AVX2_MAD
 #endif
-            return atd_vec_dot_avx2_mad;
+#endif
+#if defined(ATD_HAVE_AVX512)
+// the r2 kernels have no table decoder (variant 2 shifts); single r2 rows take the EVEX AVX2 kernel
+#define ATD_KERNELS_AVX512_MUL { atd_vec_dot_avx512_mul, atd_gemv256_avx512_mul, atd_gemv64_avx512_mul, 4, \
+                                 atd_dot_r2_avx2_evex, atd_gemv_r2_avx512_shift, atd_gemv_r2_64_avx512_shift }
+#if defined(ATD_HAVE_AVX512VBMI)
+#define ATD_KERNELS_AVX512_LUT { atd_vec_dot_avx512_lut, atd_gemv256_avx512_lut, atd_gemv64_avx512_lut, 4, \
+                                 atd_dot_r2_avx2_evex, atd_gemv_r2_avx512_shift, atd_gemv_r2_64_avx512_shift }
+#else
+#define ATD_KERNELS_AVX512_LUT ATD_KERNELS_AVX512_MUL
+#endif
+#if defined(ATD_HAVE_AVX512GFNI)
+#define ATD_KERNELS_AVX512_GFNI { atd_vec_dot_avx512_gfni, atd_gemv256_avx512_gfni, atd_gemv64_avx512_gfni, 4, \
+                                  atd_dot_r2_avx2_evex, atd_gemv_r2_avx512_gfni, atd_gemv_r2_64_avx512_gfni }
+#else
+#define ATD_KERNELS_AVX512_GFNI ATD_KERNELS_AVX512_LUT
+#endif
+#endif
+
+// [path][variant]: variant 0 is never looked up (atd_dot_variant_of resolves it), so it repeats 1
+static const atd_path_kernels atd_kernel_table[ATD_PATH_NEON + 1][4] = {
+    [ATD_PATH_SCALAR] = { ATD_KERNELS_SCALAR, ATD_KERNELS_SCALAR, ATD_KERNELS_SCALAR, ATD_KERNELS_SCALAR },
+#if defined(ATD_HAVE_AVX2)
+    [ATD_PATH_AVX2] = { ATD_KERNELS_AVX2_MAD, ATD_KERNELS_AVX2_MAD, ATD_KERNELS_AVX2_VNNI, ATD_KERNELS_AVX2_EVEX },
+#endif
+#if defined(ATD_HAVE_AVX512)
+    [ATD_PATH_AVX512] = { ATD_KERNELS_AVX512_MUL, ATD_KERNELS_AVX512_MUL, ATD_KERNELS_AVX512_LUT,
+                          ATD_KERNELS_AVX512_GFNI },
 #endif
 #if defined(ATD_HAVE_NEON)
-        case ATD_PATH_NEON:
-            return atd_vec_dot_neon;
+#define ATD_KERNELS_NEON { atd_vec_dot_neon, NULL, NULL, 0, atd_vec_dot_r2_scalar, NULL, NULL }
+    [ATD_PATH_NEON] = { ATD_KERNELS_NEON, ATD_KERNELS_NEON, ATD_KERNELS_NEON, ATD_KERNELS_NEON },
 #endif
-        default:
-            return atd_vec_dot_scalar;
+};
+
+// the kernels a path runs: its forced or best variant; a path this build lacks gets the scalar ones
+static const atd_path_kernels * atd_kernels_of(int path) {
+    if (path < ATD_PATH_SCALAR || path > ATD_PATH_NEON || atd_kernel_table[path][1].vec_dot == NULL) {
+        path = ATD_PATH_SCALAR;
     }
+    const int v = atd_dot_variant_of(path);
+    return &atd_kernel_table[path][v >= 1 && v <= 3 ? v : 1];
+}
+
+static atd_dot_fn atd_dot_resolve(int path) {
+    return atd_kernels_of(path)->vec_dot;
 }
 
 // the selected path's kernel, resolved once: ggml calls vec_dot once per weight row, and short rows
@@ -1640,67 +1690,24 @@ void atd_vec_dot(int n, float * s, const void * vx, const void * vy, int planes,
     f(n, s, vx, vy, planes, block);
 }
 
-#if defined(ATD_HAVE_AVX512)
-typedef void (*atd_gemv256_fn)(int n, const uint8_t * x, size_t bx, const block_q8_K * y, float * out, int planes);
-#endif
-#if defined(ATD_HAVE_AVX2)
-typedef void (*atd_gemv64_fn)(int n, const uint8_t * x, size_t bx, const block_atd_q8_64 * y, float * out,
-                              int planes);
-#endif
-
 // One activation row against nr weight rows (stride bx bytes): out[r] = atd_vec_dot of row r, bit for
 // bit. AVX-512 takes four rows per step, AVX2 two rows of the 64 family; the rest goes row by row.
 void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, const void * vy, float * out) {
-    const uint8_t * x    = (const uint8_t *)vx;
-    const int       path = atd_selected_path();
-    int             r    = 0;
-#if defined(ATD_HAVE_AVX512)
-    if (path == ATD_PATH_AVX512 && n >= block && planes >= 1 && planes <= ATD_MAX_PLANES) {
-        // the kernels of the path's variant (the same decoder as its vec_dot)
-        const int v = atd_dot_variant_of(path);
-        (void)v;
-        atd_gemv256_fn g256 = atd_gemv256_avx512_mul;
-        atd_gemv64_fn  g64  = atd_gemv64_avx512_mul;
-#if defined(ATD_HAVE_AVX512VBMI)
-        if (v == 2) {
-            g256 = atd_gemv256_avx512_lut;
-            g64  = atd_gemv64_avx512_lut;
+    const uint8_t *          x = (const uint8_t *)vx;
+    const atd_path_kernels * k = atd_kernels_of(atd_selected_path());
+    int                      r = 0;
+    if (n >= block && planes >= 1 && planes <= ATD_MAX_PLANES) {
+        if (block == QK_ATD && k->gemv256 != NULL) {
+            for (; r + 4 <= nr; r += 4) {
+                k->gemv256(n, x + (size_t)r * bx, bx, (const block_q8_K *)vy, out + r, planes);
+            }
         }
-#endif
-#if defined(ATD_HAVE_AVX512GFNI)
-        if (v == 3) {
-            g256 = atd_gemv256_avx512_gfni;
-            g64  = atd_gemv64_avx512_gfni;
-        }
-#endif
-        for (; r + 4 <= nr; r += 4) {
-            const uint8_t * xr = x + (size_t)r * bx;
-            if (block == QK_ATD) {
-                g256(n, xr, bx, (const block_q8_K *)vy, out + r, planes);
-            } else {
-                g64(n, xr, bx, (const block_atd_q8_64 *)vy, out + r, planes);
+        if (block == QK_ATD_64 && k->gemv64 != NULL) {
+            for (; r + k->gemv64_rows <= nr; r += k->gemv64_rows) {
+                k->gemv64(n, x + (size_t)r * bx, bx, (const block_atd_q8_64 *)vy, out + r, planes);
             }
         }
     }
-#endif
-#if defined(ATD_HAVE_AVX2)
-    if (path == ATD_PATH_AVX2 && block == QK_ATD_64 && n >= block && planes >= 1 && planes <= ATD_MAX_PLANES) {
-        // the flavour of the path's variant (the same dot instruction as its vec_dot)
-        const int v = atd_dot_variant_of(path);
-        (void)v;
-        atd_gemv64_fn g64 = atd_gemv64_avx2_mad;
-#if defined(ATD_HAVE_AVXVNNI)
-        if (v == 2) g64 = atd_gemv64_avx2_vnni;
-#endif
-#if defined(ATD_HAVE_AVX512)
-        if (v == 3) g64 = atd_gemv64_avx2_evex;
-#endif
-        for (; r + 2 <= nr; r += 2) {
-            g64(n, x + (size_t)r * bx, bx, (const block_atd_q8_64 *)vy, out + r, planes);
-        }
-    }
-#endif
-    (void)path;
     for (; r < nr; ++r) {
         atd_vec_dot(n, out + r, x + (size_t)r * bx, vy, planes, block);
     }
@@ -1708,48 +1715,7 @@ void atd_gemv(int n, int planes, int block, const void * vx, size_t bx, int nr, 
 
 // ---- r2 layout: dispatch ----------------------------------------------------------------------------
 
-typedef void (*atd_dot_r2_fn)(int n, float * s, const uint8_t * x, size_t step, const block_q8_K * y, int planes);
-
-typedef void (*atd_gemv_r2_64_fn)(int n, const uint8_t * x, const block_atd_q8_64r2 * y, float * out, int planes);
-
-// the 64 family: whole groups by the SIMD gemv of the path, single rows by the scalar reference
-static void atd_gemv_r2_64(int n, int planes, const void * vx, int nr, const block_atd_q8_64r2 * y, float * out,
-                           int path) {
-    const size_t      rsz = (size_t)(n / QK_ATD_64) * ATD_R2_TYPE_SIZE(planes, QK_ATD_64);
-    const int         v   = atd_dot_variant_of(path);
-    atd_gemv_r2_64_fn g   = NULL;
-    (void)v;
-#if defined(ATD_HAVE_AVX512)
-    if (path == ATD_PATH_AVX512) {
-        g = atd_gemv_r2_64_avx512_shift;
-#if defined(ATD_HAVE_AVX512GFNI)
-        if (v == 3) g = atd_gemv_r2_64_avx512_gfni;
-#endif
-    }
-#endif
-#if defined(ATD_HAVE_AVX2)
-    if (path == ATD_PATH_AVX2) {
-        g = atd_gemv_r2_64_avx2_mad;
-#if defined(ATD_HAVE_AVXVNNI)
-        if (v == 2) g = atd_gemv_r2_64_avx2_vnni;
-#endif
-#if defined(ATD_HAVE_AVX512)
-        if (v == 3) g = atd_gemv_r2_64_avx2_evex;
-#endif
-    }
-#endif
-    int r = 0;
-    if (g != NULL) {
-        _Static_assert(ATD_R2_GROUP == 4, "the r2 gemvs take four rows");
-        for (; r + ATD_R2_GROUP <= nr; r += ATD_R2_GROUP) {
-            g(n, (const uint8_t *)vx + (size_t)r * rsz, y, out + r, planes);
-        }
-    }
-    for (; r < nr; ++r) {
-        out[r] = atd_dot_r2_64_scalar(n, atd_r2_row(vx, nr, r, rsz, planes, QK_ATD_64), y, planes);
-    }
-}
-
+// whole groups by the path's SIMD gemv (one stream of four rows), single rows one by one
 void atd_gemv_r2_path(int n, int planes, int block, const void * vx, int nr, const void * vy, float * out, int path) {
     if ((block != QK_ATD && block != QK_ATD_64) || n < block || n % block != 0 || planes < 1 ||
         planes > ATD_MAX_PLANES || nr <= 0) {
@@ -1758,44 +1724,28 @@ void atd_gemv_r2_path(int n, int planes, int block, const void * vx, int nr, con
     if (path == ATD_PATH_AUTO || !atd_path_available(path)) {
         path = atd_selected_path();
     }
+    const atd_path_kernels * k   = atd_kernels_of(path);
+    const size_t             rsz = (size_t)(n / block) * ATD_R2_TYPE_SIZE(planes, block);
+    const uint8_t *          x   = (const uint8_t *)vx;
+    int                      r   = 0;
+    _Static_assert(ATD_R2_GROUP == 4, "the r2 gemvs take four rows");
     if (block == QK_ATD_64) {
-        atd_gemv_r2_64(n, planes, vx, nr, (const block_atd_q8_64r2 *)vy, out, path);
+        const block_atd_q8_64r2 * y = (const block_atd_q8_64r2 *)vy;
+        for (; k->r2_64 != NULL && r + ATD_R2_GROUP <= nr; r += ATD_R2_GROUP) {
+            k->r2_64(n, x + (size_t)r * rsz, y, out + r, planes);
+        }
+        for (; r < nr; ++r) {
+            out[r] = atd_dot_r2_64_scalar(n, atd_r2_row(vx, nr, r, rsz, planes, QK_ATD_64), y, planes);
+        }
         return;
     }
-    const size_t       bsz = ATD_R2_TYPE_SIZE(planes, QK_ATD), rsz = (size_t)(n / QK_ATD) * bsz;
-    const block_q8_K * y   = (const block_q8_K *)vy;
-    const int          v   = atd_dot_variant_of(path);
-    atd_dot_r2_fn      one = atd_vec_dot_r2_scalar;
-    int                r   = 0;
-    (void)v;
-#if defined(ATD_HAVE_AVX512)
-    if (path == ATD_PATH_AVX512) {
-        void (*g)(int, const uint8_t *, const block_q8_K *, float *, int) = atd_gemv_r2_avx512_shift;
-#if defined(ATD_HAVE_AVX512GFNI)
-        if (v == 3) g = atd_gemv_r2_avx512_gfni;  // the GFNI variant of the path
-#endif
-        // a group at a time: its four rows are one stream
-        _Static_assert(ATD_R2_GROUP == 4, "the AVX-512 gemv takes four rows");
-        for (; r + ATD_R2_GROUP <= nr; r += ATD_R2_GROUP) {
-            g(n, (const uint8_t *)vx + (size_t)r * rsz, y, out + r, planes);
-        }
-        one = atd_dot_r2_avx2_evex;
+    const block_q8_K * y = (const block_q8_K *)vy;
+    for (; k->r2_256 != NULL && r + ATD_R2_GROUP <= nr; r += ATD_R2_GROUP) {
+        k->r2_256(n, x + (size_t)r * rsz, y, out + r, planes);
     }
-#endif
-#if defined(ATD_HAVE_AVX2)
-    if (path == ATD_PATH_AVX2) {
-        one = atd_dot_r2_avx2_mad;
-#if defined(ATD_HAVE_AVXVNNI)
-        if (v == 2) one = atd_dot_r2_avx2_vnni;
-#endif
-#if defined(ATD_HAVE_AVX512)
-        if (v == 3) one = atd_dot_r2_avx2_evex;
-#endif
-    }
-#endif
     for (; r < nr; ++r) {
         const atd_row_view rv = atd_r2_row(vx, nr, r, rsz, planes, QK_ATD);
-        one(n, out + r, rv.blk, rv.step, y, planes);
+        k->r2_one(n, out + r, rv.blk, rv.step, y, planes);
     }
 }
 

@@ -1015,7 +1015,8 @@ ATD_TARGET_AVX2 static void atd_repack_r2_avx2(const uint8_t * x, void * dst, in
         const atd_row_view v = atd_r2_row(dst, nrows, r, rsz, planes, block);
         for (int64_t b = 0; b < n / block; ++b, x += bsz) {
             const uint8_t * blk = x;
-            if (block == QK_ATD_64) {  // the 16-byte loads of a 13-byte plane: a padded copy
+            // the 16-byte load of a 13-byte plane reads 3 bytes past the source only in its last block
+            if (block == QK_ATD_64 && r == nrows - 1 && b == n / block - 1) {
                 memcpy(pad, x, bsz);
                 blk = pad;
             }

@@ -1,7 +1,7 @@
 // Internal to ggml-ext (atd-dot.c, atd-mm.c): which SIMD paths this build has, and how they are compiled.
 #pragma once
 
-// // Standalone (cffi) builds compile every x86 path with per-function target attributes and pick one
+// Standalone (cffi) builds compile every x86 path with per-function target attributes and pick one
 // at run time (__builtin_cpu_supports). Inside ggml (ATD_IN_GGML) the paths follow the compiler's
 // -m flags (__AVX2__, __AVX512VNNI__, ...), like the rest of ggml-cpu, and no attributes are used.
 
