@@ -1594,7 +1594,7 @@ typedef void (*atd_gemv_r2_64_fn)(int n, const uint8_t * x, const block_atd_q8_6
 // there (the dispatchers go row by row).
 typedef struct {
     atd_dot_fn        vec_dot;    // one row, file layout
-    atd_gemv256_fn    gemv256;    // gemv64_rows rows, file layout, 256 family
+    atd_gemv256_fn    gemv256;    // four rows, file layout, 256 family
     atd_gemv64_fn     gemv64;     // gemv64_rows rows, file layout, 64 family
     int               gemv64_rows;
     atd_dot_r2_fn     r2_one;     // one r2 row, 256 family (single tail rows)
